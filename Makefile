@@ -1,0 +1,31 @@
+# Every target works from a fresh clone on a machine that has only Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+# Override for another torch build, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moesafe-installed
+
+.PHONY: setup test quickstart bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when the project's requirements change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+quickstart: setup
+	$(VENV)/bin/moesafe quickstart
+
+bench: setup
+	$(PY) benchmarks/fsour_bench.py
+
+clean:
+	rm -rf $(VENV) .cache
