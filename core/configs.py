@@ -1,0 +1,74 @@
+"""Model configs built from scratch: tiny ones of every family (tests, CPU benchmarks) and the real
+architectures of SPEC §7 (random-weight GPU benchmarks). No hub access needed."""
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+_TINY_COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# Each family at toy size but with its distinctive routing features kept: shared experts,
+# norm_topk_prob off, dense first layers, group-limited choice, router bias, sparsemixer.
+_TINY: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8,
+                      norm_topk_prob=True),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1,
+                        routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                        routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
+}
+
+
+def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
+    """A few-layer, few-expert config of `model_type` with random-init-friendly sizes."""
+    if model_type not in _TINY:
+        raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(_TINY))}")
+    return AutoConfig.for_model(model_type, **{**_TINY_COMMON, **_TINY[model_type], **overrides})
+
+
+TINY_FAMILIES: tuple[str, ...] = tuple(_TINY)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A word-level tokenizer over `w0 .. wN` plus chat markers, for tiny random models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE)
+
+
+def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
+    """Build a random tiny model of `model_type`, save it with its tokenizer to `path`, return path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    model.save_pretrained(path)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path

@@ -1,0 +1,130 @@
+"""Model loading: a local directory, a hub id or an s3:// prefix, with route control installed once.
+
+One path for every model, the sandbox included: `AutoConfig` first (so a non-MoE or unsupported
+model is refused before any weights load), then `AutoModelForCausalLM.from_pretrained`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from core.families import UnsupportedModelError, family_for
+from core.routing import RouteControl
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the methods: weights, tokenizer and its route control."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: Any
+    control: RouteControl
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOESAFE_CACHE", Path.home() / ".cache" / "moesafe"))
+
+
+def resolve_path(path: str) -> str:
+    """A local directory for `path`: as is if local, downloaded once if s3://, else a hub id."""
+    if path.startswith("s3://"):
+        return str(_download_s3(path))
+    if path.startswith(("/", ".", "~")) or os.path.sep in path and Path(path).expanduser().exists():
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise ModelLoadError(f"model path {path!r} does not exist (or is not a directory): "
+                                 "point `path` at a saved model directory")
+        return str(local)
+    return path  # a hub id
+
+
+def _download_s3(prefix: str) -> Path:
+    import s3fs
+
+    target = cache_root() / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if not done.exists():
+        fs = s3fs.S3FileSystem()
+        if not fs.exists(prefix):
+            raise ModelLoadError(f"model path {prefix!r} does not exist on S3")
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        fs.get(prefix.rstrip("/") + "/", str(tmp), recursive=True)
+        if target.exists():  # another process finished first
+            import shutil
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+        done.touch()
+    return target
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    """The model's config, with a clear error for unreachable hubs and remote code."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(f"model {path!r} needs custom code from its repository; it runs only if the "
+                                 "manifest sets `trust_remote_code: true` for this model") from e
+        raise
+    except OSError as e:
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{path!r} has no readable config.json: is it a saved transformers model?") from e
+        raise ModelLoadError(f"cannot fetch {path!r} from the hub (no network?): point `path` at a local "
+                             "copy of the model directory, or an s3:// prefix") from e
+
+
+def load_model(path: str, *, name: str | None = None, dtype: str = "auto", device_map: str | dict | None = None,
+               experts_implementation: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a supported MoE model and install route control on it.
+
+    device_map: None keeps the model on one device ("cuda" if any GPU is visible, else CPU);
+    "auto" spreads a model larger than one GPU over the GPUs given to the process.
+    """
+    local = resolve_path(path)
+    config = load_config(local, trust_remote_code)
+    family_for(getattr(config, "model_type", "?"))  # refuses non-MoE and unsupported families early
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    kwargs: dict[str, Any] = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load weights for {path!r}: {e}") from e
+    if device_map is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    try:
+        control = RouteControl(model)
+    except UnsupportedModelError as e:
+        raise ModelLoadError(str(e)) from e
+    return LoadedModel(name or path, model, tokenizer, control)

@@ -1,0 +1,361 @@
+"""Route control: force, disable, steer and record MoE routing inside a loaded transformers model.
+
+`RouteControl(model)` is installed once per loaded model. It adds a forward hook to every router
+(found by the family's router type, so dense layers and shared experts are never touched) that
+re-runs the family's selection (core/families.py) on masked logits, and a pre-hook on the model
+that notes which absolute positions the current forward covers. Interventions are scoped by
+context managers, compose by nesting, and leave the model exactly as it was when they exit:
+
+    control = RouteControl(model)
+    with control.apply(Route.force({3: experts}, num_experts=E)), control.record() as rec:
+        model.generate(...)
+    rec.counts()      # (B, L, 2, E): tokens routed to each expert, [prompt, generated]
+
+Shapes: B = batch rows, S = tokens in this forward, T = positions a route covers,
+L = MoE layers (ordinal 0..L-1 in model order), E = routed experts, k = experts per token.
+A route's per-layer tensor is (B|1, E) for "every position in scope" or (B|1, T, E) for absolute
+positions 0..T-1 (positions >= T untouched). Batch dim 1 broadcasts over the rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from core.families import Family, UnsupportedModelError, family_for
+
+Scope = Literal["prompt", "all"]
+SCOPES: tuple[str, ...] = ("prompt", "all")
+STEER_EPS = 0.01  # SteerMoE's epsilon (SPEC §1)
+NEG_INF = float("-inf")
+
+
+def mask_allowing(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Additive mask allowing exactly `experts` (..., k) -> (..., E): 0 allowed, -inf blocked."""
+    mask = torch.full((*experts.shape[:-1], num_experts), NEG_INF, device=experts.device)
+    return mask.scatter_(-1, experts, 0.0)
+
+
+def mask_blocking(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Additive mask blocking `experts` (..., n) -> (..., E); top-k refills from the rest."""
+    mask = torch.zeros((*experts.shape[:-1], num_experts), device=experts.device)
+    return mask.scatter_(-1, experts, NEG_INF)
+
+
+def _as_index(experts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    return experts if isinstance(experts, torch.Tensor) else torch.as_tensor(list(experts), dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What route control does at each MoE layer, per batch row and position.
+
+    masks: layer -> additive logit mask (0 allowed, -inf blocked), (B|1, E) or (B|1, T, E).
+    steer: layer -> int8 (B|1, E) or (B|1, T, E): +1 activate, -1 deactivate (SteerMoE).
+    scope: "prompt" applies to prompt tokens only; "all" also while decoding.
+    """
+
+    masks: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    steer: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    scope: Scope = "prompt"
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+
+    @classmethod
+    def force(cls, experts: Mapping[int, torch.Tensor], num_experts: int, scope: Scope = "prompt") -> "Route":
+        """Force the allowed set: experts[layer] is (B|1, k) or (B|1, T, k) expert indices."""
+        return cls(masks={l: mask_allowing(e, num_experts) for l, e in experts.items()}, scope=scope)
+
+    @classmethod
+    def disable(cls, experts: Mapping[int, torch.Tensor | Sequence[int]], num_experts: int,
+                scope: Scope = "all") -> "Route":
+        """Block experts[layer] (a list of expert ids) at every position in scope, for every row."""
+        return cls(masks={l: mask_blocking(_as_index(e)[None], num_experts) for l, e in experts.items()},
+                   scope=scope)
+
+    @classmethod
+    def steering(cls, activate: Mapping[int, Sequence[int]], deactivate: Mapping[int, Sequence[int]],
+                 num_experts: int, scope: Scope = "all") -> "Route":
+        """SteerMoE: push `activate` experts above the best and `deactivate` ones below the worst."""
+        steer: dict[int, torch.Tensor] = {}
+        for sign, chosen in ((1, activate), (-1, deactivate)):
+            for l, experts in chosen.items():
+                t = steer.setdefault(l, torch.zeros(1, num_experts, dtype=torch.int8))
+                t[0, _as_index(experts)] = sign
+        return cls(steer=steer, scope=scope)
+
+    def layers(self) -> set[int]:
+        return set(self.masks) | set(self.steer)
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    ordinal: int  # position among MoE layers
+    decoder_index: int  # index in model.layers
+    name: str  # module path of the router
+    router: torch.nn.Module
+
+
+@dataclass
+class _Forward:
+    """Where the current forward sits: its absolute positions and which tokens count."""
+
+    start: int  # absolute position of the first token (= KV cache length)
+    length: int  # S
+    valid: torch.Tensor  # (B|1, S) bool: not padding
+    is_prompt: torch.Tensor  # (B|1, S) bool
+
+
+class RouteRecording:
+    """Per-row routing counts (reduced on the device) and, optionally, the full top-k indices."""
+
+    def __init__(self, num_layers: int, num_experts: int, keep_indices: bool):
+        self.num_layers, self.num_experts, self.keep_indices = num_layers, num_experts, keep_indices
+        self._counts: list[torch.Tensor | None] = [None] * num_layers  # layer -> (B, 2 * E)
+        self._indices: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._tokens: torch.Tensor | None = None  # (B, 2)
+
+    def _add(self, layer: int, indices: torch.Tensor, fwd: _Forward) -> None:
+        b, s, k = indices.shape  # indices: (B, S, k)
+        phase = (~fwd.is_prompt).long().expand(b, s)  # 0 = prompt, 1 = generated
+        slot = (phase[..., None] * self.num_experts + indices).reshape(b, s * k)
+        weight = fwd.valid.expand(b, s)[..., None].expand(b, s, k).reshape(b, s * k).long()
+        counts = torch.zeros(b, 2 * self.num_experts, dtype=torch.long, device=indices.device)
+        counts.scatter_add_(1, slot, weight)
+        prev = self._counts[layer]
+        self._counts[layer] = counts if prev is None else prev + counts
+        if self.keep_indices:
+            self._indices[layer].append(indices)
+
+    def _add_tokens(self, fwd: _Forward) -> None:
+        valid = fwd.valid.long()
+        tokens = torch.stack([(valid * fwd.is_prompt).sum(1), (valid * ~fwd.is_prompt).sum(1)], dim=1)
+        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+
+    def counts(self) -> torch.Tensor:
+        """(B, L, 2, E) int64: tokens whose top-k contains each expert; [:, :, 0] prompt, [:, :, 1] generated."""
+        if any(c is None for c in self._counts):
+            raise RuntimeError("nothing was recorded: run a forward inside the record() context")
+        b = max(c.shape[0] for c in self._counts)
+        return torch.stack([c.expand(b, -1) for c in self._counts], 1).view(b, self.num_layers, 2, self.num_experts)
+
+    def tokens(self) -> torch.Tensor:
+        """(B, 2) int64: tokens counted per row, [prompt, generated]."""
+        if self._tokens is None:
+            raise RuntimeError("nothing was recorded: run a forward inside the record() context")
+        return self._tokens
+
+    def indices(self, layer: int) -> torch.Tensor:
+        """(B, S_total, k): the top-k experts at `layer` for every position seen (padding included)."""
+        if not self.keep_indices:
+            raise RuntimeError("indices were not kept: use record(keep_indices=True)")
+        parts = self._indices[layer]
+        b = max(p.shape[0] for p in parts)
+        return torch.cat([p.expand(b, -1, -1) for p in parts], dim=1)
+
+
+class RouteControl:
+    """Installed once per loaded model; all methods route through it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.family: Family = family_for(model.config.model_type)
+        router_type = self.family.router_type()
+        self.layers: list[MoELayer] = []
+        blocks: list[torch.nn.Module] = []  # the decoder layer holding each router
+        for name, module in model.named_modules():
+            if isinstance(module, router_type):
+                where = re.match(r"(.*layers)\.(\d+)\.", name)
+                self.layers.append(MoELayer(len(self.layers), int(where.group(2)), name, module))
+                blocks.append(model.get_submodule(f"{where.group(1)}.{where.group(2)}"))
+        if not self.layers:
+            raise UnsupportedModelError(f"no {router_type.__name__} routers found in {type(model).__name__}: "
+                                        "is this a MoE model?")
+        first = self.layers[0].router
+        self.num_experts: int = first.num_experts
+        self.top_k: int = first.top_k
+        self._routes: list[Route] = []
+        self._recordings: list[RouteRecording] = []
+        self._expand: tuple[int, int] | None = None  # (decoder index, rows)
+        self._prompt_len: int | torch.Tensor | None = None  # explicit prompt boundary
+        self._auto_prompt_len = 0  # the last prefill's length
+        self._fwd: _Forward | None = None
+        self._handles = [model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)]
+        for layer, block in zip(self.layers, blocks):
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.ordinal)))
+            self._handles.append(block.register_forward_pre_hook(self._expand_hook(layer.decoder_index),
+                                                                 with_kwargs=True))
+
+    # ---- public interventions -------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @contextlib.contextmanager
+    def apply(self, route: Route) -> Iterator[None]:
+        """Apply `route` to every forward inside the block; nested routes add up."""
+        bad = [l for l in route.layers() if not 0 <= l < self.num_layers]
+        if bad:
+            raise ValueError(f"route names MoE layers {bad}; this model has layers 0..{self.num_layers - 1}")
+        self._routes.append(route)
+        try:
+            yield
+        finally:
+            self._routes.remove(route)
+
+    @contextlib.contextmanager
+    def record(self, keep_indices: bool = False) -> Iterator[RouteRecording]:
+        """Record per-row expert counts (and optionally the top-k indices) of forwards in the block."""
+        rec = RouteRecording(self.num_layers, self.num_experts, keep_indices)
+        self._recordings.append(rec)
+        try:
+            yield rec
+        finally:
+            self._recordings.remove(rec)
+
+    @contextlib.contextmanager
+    def prompt_length(self, n: int | torch.Tensor) -> Iterator[None]:
+        """Declare where the prompt ends (absolute position, per row if a (B,) tensor).
+
+        Needed for teacher-forced forwards of prompt + continuation; `generate` needs nothing:
+        its prefill is the prompt and every later step is generated."""
+        prev, self._prompt_len = self._prompt_len, n
+        try:
+            yield
+        finally:
+            self._prompt_len = prev
+
+    @contextlib.contextmanager
+    def expand_at(self, moe_layer: int, rows: int) -> Iterator[None]:
+        """Run the layers below `moe_layer` once on a batch of 1, then continue as `rows` rows.
+
+        This is how candidates share work: the hidden states entering the layer are computed
+        once and copied, so each row can carry its own route from that layer on. A KV cache
+        passed to such a forward must have `rows` rows from that layer on (`branch_cache`)."""
+        prev, self._expand = self._expand, (self.layers[moe_layer].decoder_index, rows)
+        try:
+            yield
+        finally:
+            self._expand = prev
+
+    def branch_cache(self, cache, moe_layer: int, rows: int):
+        """A copy of a batch-1 KV cache whose layers from `moe_layer` on have `rows` rows.
+
+        Layers below keep sharing the original tensors; the original is never modified (the
+        dynamic cache appends by concatenation)."""
+        start = self.layers[moe_layer].decoder_index
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+        for layer in new.layers[start:]:
+            layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+        return new
+
+    def remove(self) -> None:
+        """Uninstall: the model behaves exactly as before installation."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return bool(self._routes or self._recordings or self._expand)
+
+    def _begin_forward(self, module, args, kwargs):
+        if not self._active():
+            self._fwd = None
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs["inputs_embeds"]
+        b, s = ref.shape[:2]
+        past = kwargs.get("past_key_values")
+        start = past.get_seq_length() if past is not None else 0
+        mask = kwargs.get("attention_mask")
+        device = ref.device
+        valid = mask[:, -s:].bool() if mask is not None and mask.dim() == 2 else torch.ones(1, s, dtype=torch.bool, device=device)
+        if start == 0:
+            self._auto_prompt_len = s
+        bound = self._prompt_len if self._prompt_len is not None else self._auto_prompt_len
+        positions = torch.arange(start, start + s, device=device)
+        bound = torch.as_tensor(bound, device=device).reshape(-1, 1)  # (B|1, 1)
+        self._fwd = _Forward(start, s, valid, positions[None, :] < bound)
+        for rec in self._recordings:
+            rec._add_tokens(self._fwd)
+        return None
+
+    def _expand_hook(self, decoder_index: int):
+        def hook(module, args, kwargs):
+            if self._expand is None or self._expand[0] != decoder_index:
+                return None
+            rows = self._expand[1]
+            if args:
+                hidden = args[0]
+                return (hidden.expand(rows, *hidden.shape[1:]).contiguous(), *args[1:]), kwargs
+            hidden = kwargs["hidden_states"]
+            return args, {**kwargs, "hidden_states": hidden.expand(rows, *hidden.shape[1:]).contiguous()}
+        return hook
+
+    def _terms(self, table: Mapping[int, torch.Tensor], layer: int, fwd: _Forward,
+               in_scope: torch.Tensor) -> torch.Tensor | None:
+        """One route term for this forward's positions: (B|1, S, E), zero outside scope."""
+        t = table.get(layer)
+        if t is None:
+            return None
+        if t.dim() == 2:  # every position
+            t = t[:, None, :].expand(-1, fwd.length, -1)
+        else:  # absolute positions [0, T)
+            lo, hi = min(fwd.start, t.shape[1]), min(fwd.start + fwd.length, t.shape[1])
+            if lo == hi:
+                return None
+            t = torch.nn.functional.pad(t[:, lo:hi], (0, 0, 0, fwd.length - (hi - lo)))
+        t = t.to(in_scope.device)
+        return torch.where(in_scope[..., None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            fwd = self._fwd
+            if fwd is None:
+                return None
+            logits, weights, indices = output  # logits: (N, E), N = B * S
+            n, e = logits.shape
+            b, s = n // fwd.length, fwd.length
+            z, steered, bias = logits.view(b, s, e), False, None
+            for route in self._routes:
+                in_scope = fwd.valid & (fwd.is_prompt if route.scope == "prompt" else True)
+                steer = self._terms(route.steer, layer, fwd, in_scope)
+                if steer is not None:
+                    z, steered = _steer(z, steer), True
+                mask = self._terms(route.masks, layer, fwd, in_scope)
+                if mask is not None:
+                    bias = mask if bias is None else bias + mask
+            if steered or bias is not None:
+                if bias is not None and bias.shape[0] not in (1, b):
+                    raise ValueError(f"route for MoE layer {layer} has {bias.shape[0]} rows; this forward has {b}")
+                flat = z.reshape(n, e)
+                if self.family.bias_on_choice:
+                    weights, indices = self.family.select(
+                        module, flat, None if bias is None else bias.expand(b, s, e).reshape(n, e))
+                else:
+                    flat = flat if bias is None else (z + bias.to(z.dtype)).reshape(n, e)
+                    weights, indices = self.family.select(module, flat)
+                output = (logits, weights, indices)
+            for rec in self._recordings:
+                rec._add(layer, indices.reshape(b, s, -1), fwd)
+            return output
+        return hook
+
+
+def _steer(z: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
+    """SteerMoE on logits z (B, S, E): s = log_softmax(z); activated experts -> max + eps,
+    deactivated -> min - eps; tokens without steering keep z exactly."""
+    s = torch.log_softmax(z.float(), dim=-1)
+    top = s.max(dim=-1, keepdim=True).values + STEER_EPS
+    low = s.min(dim=-1, keepdim=True).values - STEER_EPS
+    s = torch.where(steer > 0, top, torch.where(steer < 0, low, s))
+    return torch.where((steer != 0).any(-1, keepdim=True), s.to(z.dtype), z)
