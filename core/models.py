@@ -106,6 +106,8 @@ def load_model(path: str, *, name: str | None = None, dtype: str = "auto", devic
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     kwargs: dict[str, Any] = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if experts_implementation is None and dtype == "float64":
+        experts_implementation = "eager"  # grouped_mm kernels take no float64
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     if attn_implementation:
