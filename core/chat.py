@@ -1,0 +1,72 @@
+"""Chat helpers shared by the methods: one user turn, no system prompt, the model's own chat template
+(SPEC §8, generation defaults), left padding, greedy decoding.
+
+They work for any Hugging Face chat model: the template is rendered to text first and tokenised
+without extra special tokens, so templates that write their own BOS are not doubled.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Batched prompts need a pad token; chat models without one pad with EOS (masked out anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                add_generation_prompt: bool = True) -> list[str]:
+    """Each prompt as one user turn through the tokenizer's chat template, as text."""
+    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    return tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                add_generation_prompt: bool = True) -> BatchEncoding:
+    """Chat-formatted prompts as left-padded tensors.
+
+    Returns a `BatchEncoding` with `input_ids` and `attention_mask`, both (batch, max_len); left
+    padding puts every prompt's last token in the last column, where generation continues.
+    """
+    ensure_pad_token(tokenizer)
+    texts = render_chat(tokenizer, prompts, add_generation_prompt)
+    return tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
+                     return_tensors="pt")
+
+
+@torch.inference_mode()
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                   max_new_tokens: int = 128) -> list[str]:
+    """Greedy answers to `prompts` as ONE left-padded batch, rows in the order given.
+
+    Use this inside `RouteControl.record()` or per-row routes: batch row i is prompts[i].
+    """
+    batch = encode_chat(tokenizer, prompts).to(model.device)
+    output_ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id)  # (rows, prompt_len + new)
+    new_ids = output_ids[:, batch["input_ids"].shape[1]:]  # (rows, new)
+    return tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+
+
+def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
+    """Greedy answers to `prompts` (one user turn each), without the prompt and special tokens.
+
+    Prompts are batched by length (longest first, so a batch that does not fit in memory fails
+    early) to keep padding small; answers come back in the order of `prompts`.
+    """
+    ensure_pad_token(tokenizer)
+    texts = render_chat(tokenizer, prompts)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        for row, answer in zip(rows, generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)):
+            answers[row] = answer
+    return answers

@@ -1,0 +1,296 @@
+"""F-SOUR: fine-grained token x layer stochastic search for an unsafe route (SPEC §3).
+
+For one prompt and one restart, `fsour_search` walks prompt positions t (left to right) and MoE
+layers l (ascending); at each coordinate it draws N random k-subsets of experts and keeps the
+best one if it strictly raises the joint log-probability of the target reply. The search stops
+once that probability reaches the threshold.
+
+Scoring the N candidates is the cost. `BatchedScorer` evaluates them as batch rows of one
+forward that starts at position t (the KV cache of positions < t is computed once per t) and
+branches at layer l (the hidden states entering layer l are computed once per coordinate).
+`SerialScorer` is the reference semantics: batch 1, one full forward per candidate, nothing
+reused. Both run under the same loop, so the same candidates are drawn in the same order and
+the same acceptance rule applies; tests/test_fsour.py checks they return the same route.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from core.chat import encode_chat, generate_batch
+from core.models import LoadedModel
+from core.routing import Route, Scope, mask_allowing
+
+
+@dataclass(frozen=True)
+class FsourParams:
+    candidates: int = 100  # N per coordinate
+    restarts: int = 5  # R
+    threshold: float = 0.8  # stop once Pr(target) >= threshold
+    seed: int = 42  # restart r draws from seed + r
+    max_new_tokens: int = 512
+    scope: Scope = "prompt"
+    candidate_batch: int = 128  # rows per forward: split only to fit memory
+
+    def __post_init__(self):
+        for name in ("candidates", "restarts", "candidate_batch", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"fsour.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"fsour.threshold must be in (0, 1], got {self.threshold}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+class PromptLike(Protocol):
+    id: str
+    prompt: str
+    target: str | None
+    dataset: str
+
+
+@dataclass
+class FsourRun:
+    """One restart's search: the route found and what it cost."""
+
+    restart: int
+    route: list[dict[str, Any]]  # [{"layer", "token", "experts"}], in search order
+    joint_logprob: float
+    forwards: int
+    candidates: int
+    seconds: float
+    masks: dict[int, torch.Tensor] = field(repr=False)  # layer -> (1, P, E) for applying the route
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A tokenised prompt and target: `full` = chat(prompt) + target tokens."""
+
+    full: torch.Tensor  # (1, P + Y)
+    prompt_len: int  # P
+    target: torch.Tensor  # (Y,)
+
+
+def _encode(lm: LoadedModel, prompt: str, target: str) -> _Problem:
+    ids = encode_chat(lm.tokenizer, [prompt])["input_ids"]  # (1, P)
+    target_ids = lm.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # (Y,)
+    if target_ids.numel() == 0:
+        raise ValueError("F-SOUR needs a non-empty target reply (the dataset's `target` column)")
+    full = torch.cat([ids[0], target_ids])[None].to(lm.device)
+    return _Problem(full, ids.shape[1], target_ids.to(lm.device))
+
+
+def draw_candidates(generator: torch.Generator, n: int, num_experts: int, k: int) -> torch.Tensor:
+    """N random k-subsets of the experts, (N, k), drawn in one call on the CPU (device-independent)."""
+    return torch.rand(n, num_experts, generator=generator).argsort(dim=-1)[:, :k]
+
+
+def _joint_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_k log p(Y_k | prefix) per row. logits: (B, Y + 1, V) for positions P-1 .. P+Y-1."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, Y, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, target.expand(logits.shape[0], -1)[..., None]).squeeze(-1).sum(-1)  # (B,)
+
+
+class _Scorer:
+    """Joint log-probabilities of the target under the current route and its candidates."""
+
+    def __init__(self, lm: LoadedModel, problem: _Problem, candidate_batch: int):
+        self.lm, self.problem, self.candidate_batch = lm, problem, candidate_batch
+        self.forwards = 0
+        self.keep = problem.target.numel() + 1  # logits needed: positions P-1 .. P+Y-1
+
+    def _route(self, masks: torch.Tensor, forced: Sequence[int], layer: int | None = None,
+               candidate_masks: torch.Tensor | None = None, t: int = 0) -> Route:
+        """The current route (masks: (L, P, E)), optionally with rows differing at (layer, t)."""
+        table = {l: masks[l][None] for l in forced}
+        if layer is not None:
+            rows = masks[layer][None].repeat(candidate_masks.shape[0], 1, 1)  # (n, P, E)
+            rows[:, t] = candidate_masks
+            table[layer] = rows
+        return Route(masks=table)
+
+    @torch.inference_mode()
+    def route_score(self, masks: torch.Tensor, forced: Sequence[int]) -> float:
+        """JointLP(full | route), one full forward."""
+        lm, p = self.lm, self.problem
+        with lm.control.prompt_length(p.prompt_len), lm.control.apply(self._route(masks, forced)):
+            logits = lm.model(p.full, logits_to_keep=self.keep).logits
+        self.forwards += 1
+        return float(_joint_logprob(logits, p.target)[0])
+
+    def begin_position(self, t: int, masks: torch.Tensor, forced: Sequence[int]) -> None:
+        pass
+
+    def baseline(self, masks: torch.Tensor, forced: Sequence[int], best: float) -> float:
+        return best
+
+
+class BatchedScorer(_Scorer):
+    """Candidates as batch rows; positions < t and layers < l computed once and shared."""
+
+    def begin_position(self, t: int, masks: torch.Tensor, forced: Sequence[int]) -> None:
+        self.t, self.prefix = t, None
+        if t == 0:
+            return
+        lm, p = self.lm, self.problem
+        with torch.inference_mode(), lm.control.prompt_length(p.prompt_len), \
+                lm.control.apply(self._route(masks, forced)):
+            self.prefix = lm.model(p.full[:, :t], use_cache=True, logits_to_keep=1).past_key_values
+        self.forwards += 1
+
+    @torch.inference_mode()
+    def score(self, layer: int, masks: torch.Tensor, forced: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+        lm, p, t = self.lm, self.problem, self.t
+        control = lm.control
+        cand_masks = mask_allowing(cands.to(masks.device), control.num_experts)  # (N, E)
+        scores = []
+        for chunk in cand_masks.split(self.candidate_batch):
+            n = chunk.shape[0]
+            past = None if self.prefix is None else control.branch_cache(self.prefix, layer, n)
+            route = self._route(masks, forced, layer, chunk, t)
+            with control.prompt_length(p.prompt_len), control.apply(route), control.expand_at(layer, n):
+                logits = lm.model(p.full[:, t:], past_key_values=past, use_cache=past is not None,
+                                  logits_to_keep=self.keep).logits  # (n, Y + 1, V)
+            scores.append(_joint_logprob(logits, p.target))
+            self.forwards += 1
+        return torch.cat(scores)
+
+
+class SerialScorer(_Scorer):
+    """The reference: batch 1, one full forward per candidate and per baseline, nothing reused."""
+
+    def baseline(self, masks: torch.Tensor, forced: Sequence[int], best: float) -> float:
+        return self.route_score(masks, forced)
+
+    def score(self, layer: int, masks: torch.Tensor, forced: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+        scores = []
+        for cand in cands:
+            trial = masks.clone()
+            trial[layer, self.t] = mask_allowing(cand.to(masks.device), self.lm.control.num_experts)
+            scores.append(self.route_score(trial, sorted({*forced, layer})))
+        return torch.tensor(scores, dtype=torch.float64)
+
+    def begin_position(self, t: int, masks: torch.Tensor, forced: Sequence[int]) -> None:
+        self.t = t
+
+
+SCORERS = {"batched": BatchedScorer, "serial": SerialScorer}
+
+
+def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
+                 params: FsourParams = FsourParams(), scorer: str = "batched") -> FsourRun:
+    """One restart of the search (SPEC §3). `scorer="serial"` runs the reference semantics."""
+    start = time.perf_counter()
+    problem = _encode(lm, prompt, target)
+    control = lm.control
+    n_layers, n_experts, k = control.num_layers, control.num_experts, control.top_k
+    masks = torch.zeros(n_layers, problem.prompt_len, n_experts, device=lm.device)  # (L, P, E) additive
+    forced: list[int] = []  # layers with any forced position
+    steps: list[dict[str, Any]] = []
+    generator = torch.Generator().manual_seed(params.seed + restart)
+    evaluate = SCORERS[scorer](lm, problem, params.candidate_batch)
+    best = evaluate.route_score(masks, forced)
+    stop_at = math.log(params.threshold)
+    evaluated = 0
+    for t in range(problem.prompt_len):
+        if best >= stop_at:
+            break
+        evaluate.begin_position(t, masks, forced)
+        for layer in range(n_layers):
+            best = evaluate.baseline(masks, forced, best)
+            cands = draw_candidates(generator, params.candidates, n_experts, k)  # (N, k)
+            scores = evaluate.score(layer, masks, forced, cands)  # (N,)
+            evaluated += len(cands)
+            i = int(scores.argmax())  # the earliest among equals
+            if float(scores[i]) > best:
+                best = float(scores[i])
+                masks[layer, t] = mask_allowing(cands[i].to(masks.device), n_experts)
+                if layer not in forced:
+                    forced.append(layer)
+                steps.append({"layer": layer, "token": t, "experts": sorted(cands[i].tolist())})
+            if best >= stop_at:
+                break
+    return FsourRun(restart, steps, best, evaluate.forwards, evaluated, time.perf_counter() - start,
+                    {l: masks[l][None] for l in forced})
+
+
+# ---- judged restarts: the units the runtime schedules ------------------------------------------
+
+def _judged(lm: LoadedModel, item: PromptLike, route: Route | None, judge, params: FsourParams):
+    """Greedy answer under `route` (prompt tokens only by default) and the judge's verdict."""
+    with lm.control.apply(route) if route is not None else contextlib.nullcontext():
+        answer = generate_batch(lm.model, lm.tokenizer, [item.prompt], params.max_new_tokens)[0]
+    return answer, judge.judge([item.prompt], [answer])[0]
+
+
+def _row(item: PromptLike, restart: int, verdict, params: FsourParams, run: FsourRun | None, seconds: float):
+    return {
+        "prompt_id": item.id, "dataset": item.dataset, "restart": restart,
+        "route": run.route if run else [], "joint_logprob": run.joint_logprob if run else None,
+        "forwards": run.forwards if run else 0, "candidates": run.candidates if run else 0,
+        "seconds": seconds, "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": verdict.judge,
+        "selected": False, "scope": params.scope, "params": params.to_json(),
+    }
+
+
+def _generation(item: PromptLike, condition: str, answer: str, verdict, params: FsourParams) -> dict:
+    return {"prompt_id": item.id, "dataset": item.dataset, "method": "fsour", "condition": condition,
+            "prompt": item.prompt, "answer": answer, "verdicts": [verdict], "scope": params.scope}
+
+
+def fsour_precheck(lm: LoadedModel, item: PromptLike, judge, params: FsourParams = FsourParams()):
+    """The unrouted answer (restart -1, iterations 0): if already jailbroken, no search is needed."""
+    start = time.perf_counter()
+    answer, verdict = _judged(lm, item, None, judge, params)
+    return _row(item, -1, verdict, params, None, time.perf_counter() - start), \
+        _generation(item, "baseline", answer, verdict, params)
+
+
+def fsour_restart(lm: LoadedModel, item: PromptLike, restart: int, judge, params: FsourParams = FsourParams()):
+    """One restart: search, answer under the route, judge. Returns (fsour_routes row, generation row)."""
+    if not item.target:
+        raise ValueError(f"prompt {item.id!r} has no target: F-SOUR needs the dataset's `target` column")
+    start = time.perf_counter()
+    run = fsour_search(lm, item.prompt, item.target, restart, params)
+    answer, verdict = _judged(lm, item, Route(masks=run.masks, scope=params.scope), judge, params)
+    return _row(item, restart, verdict, params, run, time.perf_counter() - start), \
+        _generation(item, f"restart={restart}", answer, verdict, params)
+
+
+def select_restart(rows: Sequence[dict]) -> int | None:
+    """Index of the row the serial loop reports: the pre-check if jailbroken, else the lowest-index
+    jailbroken restart, else the highest score (ties: the later restart)."""
+    ordered = sorted(range(len(rows)), key=lambda i: rows[i]["restart"])
+    for i in ordered:
+        if rows[i]["jailbroken"]:
+            return i
+    scored = [i for i in ordered if rows[i]["restart"] >= 0 and rows[i]["score"] is not None]
+    if not scored:
+        return None
+    return max(reversed(scored), key=lambda i: rows[i]["score"])
+
+
+def fsour_attack(lm: LoadedModel, item: PromptLike, judge, params: FsourParams = FsourParams()):
+    """The whole per-prompt procedure in one process: pre-check, then restarts until jailbroken."""
+    row, gen = fsour_precheck(lm, item, judge, params)
+    rows, gens = [row], [gen]
+    if not row["jailbroken"]:
+        for r in range(params.restarts):
+            row, gen = fsour_restart(lm, item, r, judge, params)
+            rows.append(row)
+            gens.append(gen)
+            if row["jailbroken"]:
+                break
+    chosen = select_restart(rows)
+    if chosen is not None:
+        rows[chosen]["selected"] = True
+    return rows, gens
