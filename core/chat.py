@@ -6,6 +6,7 @@ without extra special tokens, so templates that write their own BOS are not doub
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -36,7 +37,7 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
     ensure_pad_token(tokenizer)
     texts = render_chat(tokenizer, prompts, add_generation_prompt)
     return tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left",
-                     return_tensors="pt")
+                     return_token_type_ids=False, return_tensors="pt")
 
 
 @torch.inference_mode()
@@ -70,3 +71,23 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         for row, answer in zip(rows, generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)):
             answers[row] = answer
     return answers
+
+
+def judged_answers(lm, prompts: Sequence, route, judge, max_new_tokens: int,
+                   batch_size: int) -> tuple[list[str], list]:
+    """Greedy answers to `prompts` (records with `.prompt`) under `route` (None: the unrouted model),
+    and the judge's verdict on each."""
+    texts = [p.prompt for p in prompts]
+    with lm.control.apply(route) if route is not None else contextlib.nullcontext():
+        answers = generate_greedy(lm.model, lm.tokenizer, texts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+    return answers, judge.judge(texts, answers)
+
+
+def generation_rows(prompts: Sequence, answers: Sequence[str], verdicts: Sequence, method: str,
+                    condition: str, route, params: str) -> list[dict]:
+    """Rows of `generations` (the runtime adds the answer hash and the store_answers policy)."""
+    scope = route.scope if route is not None else None
+    return [{"prompt_id": p.id, "dataset": p.dataset, "method": method, "condition": condition,
+             "prompt": p.prompt, "answer": answer, "verdicts": [verdict], "scope": scope, "params": params}
+            for p, answer, verdict in zip(prompts, answers, verdicts)]

@@ -14,7 +14,6 @@ the same acceptance rule applies; tests/test_fsour.py checks they return the sam
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -24,7 +23,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from core.chat import encode_chat, generate_batch
+from core.chat import encode_chat, generation_rows, judged_answers
 from core.models import LoadedModel
 from core.routing import Route, Scope, mask_allowing
 
@@ -225,34 +224,24 @@ def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
 
 # ---- judged restarts: the units the runtime schedules ------------------------------------------
 
-def _judged(lm: LoadedModel, item: PromptLike, route: Route | None, judge, params: FsourParams):
-    """Greedy answer under `route` (prompt tokens only by default) and the judge's verdict."""
-    with lm.control.apply(route) if route is not None else contextlib.nullcontext():
-        answer = generate_batch(lm.model, lm.tokenizer, [item.prompt], params.max_new_tokens)[0]
-    return answer, judge.judge([item.prompt], [answer])[0]
-
-
 def _row(item: PromptLike, restart: int, verdict, params: FsourParams, run: FsourRun | None, seconds: float):
     return {
         "prompt_id": item.id, "dataset": item.dataset, "restart": restart,
         "route": run.route if run else [], "joint_logprob": run.joint_logprob if run else None,
         "forwards": run.forwards if run else 0, "candidates": run.candidates if run else 0,
         "seconds": seconds, "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": verdict.judge,
-        "selected": False, "scope": params.scope, "params": params.to_json(),
+        "scope": params.scope, "params": params.to_json(),
     }
 
 
-def _generation(item: PromptLike, condition: str, answer: str, verdict, params: FsourParams) -> dict:
-    return {"prompt_id": item.id, "dataset": item.dataset, "method": "fsour", "condition": condition,
-            "prompt": item.prompt, "answer": answer, "verdicts": [verdict], "scope": params.scope}
-
-
-def fsour_precheck(lm: LoadedModel, item: PromptLike, judge, params: FsourParams = FsourParams()):
-    """The unrouted answer (restart -1, iterations 0): if already jailbroken, no search is needed."""
+def fsour_precheck(lm: LoadedModel, items: Sequence[PromptLike], judge, params: FsourParams = FsourParams()):
+    """Unrouted answers (restart -1, iterations 0), batched: a prompt already jailbroken needs no search.
+    Returns (fsour_routes rows, generation rows)."""
     start = time.perf_counter()
-    answer, verdict = _judged(lm, item, None, judge, params)
-    return _row(item, -1, verdict, params, None, time.perf_counter() - start), \
-        _generation(item, "baseline", answer, verdict, params)
+    answers, verdicts = judged_answers(lm, items, None, judge, params.max_new_tokens, len(items))
+    seconds = (time.perf_counter() - start) / len(items)
+    return ([_row(item, -1, verdict, params, None, seconds) for item, verdict in zip(items, verdicts)],
+            generation_rows(items, answers, verdicts, "fsour", "baseline", None, params.to_json()))
 
 
 def fsour_restart(lm: LoadedModel, item: PromptLike, restart: int, judge, params: FsourParams = FsourParams()):
@@ -261,9 +250,10 @@ def fsour_restart(lm: LoadedModel, item: PromptLike, restart: int, judge, params
         raise ValueError(f"prompt {item.id!r} has no target: F-SOUR needs the dataset's `target` column")
     start = time.perf_counter()
     run = fsour_search(lm, item.prompt, item.target, restart, params)
-    answer, verdict = _judged(lm, item, Route(masks=run.masks, scope=params.scope), judge, params)
-    return _row(item, restart, verdict, params, run, time.perf_counter() - start), \
-        _generation(item, f"restart={restart}", answer, verdict, params)
+    route = Route(masks=run.masks, scope=params.scope)
+    answers, verdicts = judged_answers(lm, [item], route, judge, params.max_new_tokens, 1)
+    return (_row(item, restart, verdicts[0], params, run, time.perf_counter() - start),
+            generation_rows([item], answers, verdicts, "fsour", f"restart={restart}", route, params.to_json())[0])
 
 
 def select_restart(rows: Sequence[dict]) -> int | None:
@@ -280,9 +270,10 @@ def select_restart(rows: Sequence[dict]) -> int | None:
 
 
 def fsour_attack(lm: LoadedModel, item: PromptLike, judge, params: FsourParams = FsourParams()):
-    """The whole per-prompt procedure in one process: pre-check, then restarts until jailbroken."""
-    row, gen = fsour_precheck(lm, item, judge, params)
-    rows, gens = [row], [gen]
+    """The whole per-prompt procedure in one process: pre-check, then restarts until jailbroken.
+
+    Returns (fsour_routes rows, generation rows, index of the row the serial loop reports)."""
+    rows, gens = fsour_precheck(lm, [item], judge, params)
     if not row["jailbroken"]:
         for r in range(params.restarts):
             row, gen = fsour_restart(lm, item, r, judge, params)
@@ -290,7 +281,4 @@ def fsour_attack(lm: LoadedModel, item: PromptLike, judge, params: FsourParams =
             gens.append(gen)
             if row["jailbroken"]:
                 break
-    chosen = select_restart(rows)
-    if chosen is not None:
-        rows[chosen]["selected"] = True
-    return rows, gens
+    return rows, gens, select_restart(rows)

@@ -43,6 +43,37 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOESAFE_CACHE", Path.home() / ".cache" / "moesafe"))
 
 
+SANDBOX = "sandbox"  # the embedded default model's name in manifests
+
+
+def resolve_model_path(path: str) -> str:
+    """`sandbox` -> the sandbox model's directory (trained once, then cached); anything else as given."""
+    if path == SANDBOX:
+        from core.sandbox import build_sandbox
+
+        return str(build_sandbox())
+    return path
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str
+    num_layers: int  # MoE layers
+    num_experts: int
+    top_k: int
+
+
+def describe_model(path: str, trust_remote_code: bool = False) -> ModelShape:
+    """A model's MoE shape from its config alone: built on the meta device, so no weights load."""
+    config = load_config(resolve_path(path), trust_remote_code)
+    family = family_for(getattr(config, "model_type", "?")).model_type
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    control = RouteControl(model)
+    control.remove()
+    return ModelShape(family, control.num_layers, control.num_experts, control.top_k)
+
+
 def resolve_path(path: str) -> str:
     """A local directory for `path`: as is if local, downloaded once if s3://, else a hub id."""
     if path.startswith("s3://"):

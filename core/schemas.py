@@ -143,6 +143,15 @@ _ALL = [
         _col("expert", pa.int32()),
         _col("frequency", pa.float64(), nullable=True),  # share of the S rounds selecting it
     ], masked=False),
+    _method_table("safex_rounds", 1, "SAFEx bootstrap: rounds selecting each expert, per chunk of rounds", [
+        _col("group", pa.string()),               # regular / jailbreak
+        _col("phase", pa.string()),
+        _col("first_round", pa.int32()),
+        _col("rounds", pa.int32()),               # rounds in this chunk
+        _col("layer", pa.int32()),
+        _col("expert", pa.int32()),
+        _col("selected_rounds", pa.int32()),      # rounds whose Top-N held the expert
+    ], masked=False),
     _method_table("safex_validation", 1, "SAFEx refusal per prompt before/after disabling (SPEC §4)", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
@@ -163,8 +172,7 @@ _ALL = [
         _col("seconds", pa.float64()),
         _col("jailbroken", pa.bool_(), nullable=True),
         _col("score", pa.float64(), nullable=True),
-        _col("judge", pa.string()),
-        _col("selected", pa.bool_()),             # the restart the serial loop would report
+        _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
     ], masked=True),
     _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking (SPEC §5)", [
         _col("dataset", pa.string()),

@@ -96,12 +96,12 @@ class _JudgeSaysJailbrokenOnCall:
 
 def test_attack_stops_restarts_once_jailbroken(tiny):
     params = FsourParams(candidates=3, restarts=5, threshold=0.999, max_new_tokens=3)
-    rows, gens = fsour_attack(tiny, _Item(), _JudgeSaysJailbrokenOnCall(2), params)
+    rows, gens, selected = fsour_attack(tiny, _Item(), _JudgeSaysJailbrokenOnCall(2), params)
     assert [r["restart"] for r in rows] == [-1, 0, 1]
-    assert [r["selected"] for r in rows] == [False, False, True]
+    assert selected == 2
     assert [g["condition"] for g in gens] == ["baseline", "restart=0", "restart=1"]
-    rows, _ = fsour_attack(tiny, _Item(), _JudgeSaysJailbrokenOnCall(0), params)
-    assert [(r["restart"], r["selected"], r["forwards"]) for r in rows] == [(-1, True, 0)]
+    rows, _, selected = fsour_attack(tiny, _Item(), _JudgeSaysJailbrokenOnCall(0), params)
+    assert [(r["restart"], r["forwards"]) for r in rows] == [(-1, 0)] and selected == 0
 
 
 def test_bad_parameters_and_missing_target_are_named(tiny):

@@ -46,18 +46,22 @@ SAMPLE_ROWS: dict[str, list[dict]] = {
         dict(expert_set="E_top_regular", phase="decode", layer=1, expert=2, frequency=0.97, params={"S": 100}),
         dict(expert_set="HRCG", phase="decode", layer=1, expert=2, frequency=None, params={"S": 100}),
     ],
+    "safex_rounds": [
+        dict(group="regular", phase="decode", first_round=50, rounds=50, layer=1, expert=2, selected_rounds=49,
+             params={"S": 100}),
+    ],
     "safex_validation": [
         dict(prompt_id="adv-1", dataset="advbench", group="jailbreak", condition="after", refused=False,
              judge="refusal", n_disabled=5, scope="all", params={"experts": 5}),
     ],
     "fsour_routes": [
         dict(prompt_id="adv-1", dataset="advbench", restart=-1, route=[], joint_logprob=None, forwards=1,
-             candidates=0, seconds=0.2, jailbroken=False, score=0.0, judge="refusal", selected=False,
+             candidates=0, seconds=0.2, jailbroken=False, score=0.0, judge="refusal",
              scope="prompt", params={"n": 100, "restarts": 5}),
         dict(prompt_id="adv-1", dataset="advbench", restart=0,
              route=[{"layer": 0, "token": 3, "experts": [1, 2]}, {"layer": 1, "token": 3, "experts": [0, 7]}],
              joint_logprob=-0.2, forwards=101, candidates=100, seconds=2.5, jailbroken=True, score=1.0,
-             judge="refusal", selected=True, scope="prompt", params={"n": 100, "restarts": 5}),
+             judge="refusal", scope="prompt", params={"n": 100, "restarts": 5}),
     ],
     "steer_experts": [
         dict(dataset="pairs", layer=1, expert=6, p1=0.3, p2=0.1, delta=0.2, rank=0, params={"epsilon": 0.01}),

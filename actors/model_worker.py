@@ -1,0 +1,65 @@
+"""A GPU (or CPU) Ray actor holding one replica of one model.
+
+It loads the model once, installs route control once (load_model does both), and then runs work
+units for that model, writing each unit's rows to the result store itself, so results stream to
+storage and the driver only sees a small status. If the actor's process dies, Ray restarts it and
+re-runs the unit in flight (`max_restarts`, `max_task_retries`); a unit that raises is reported
+back and the scheduler decides whether to try it again.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import ray
+
+from core.judges import make_judge
+from core.models import load_model, resolve_model_path
+from core.store import ResultStore
+from jobs.execute import execute_unit
+from jobs.units import WorkUnit
+
+
+def error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:2000]
+
+
+@ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=3, max_concurrency=1)
+class ModelWorker:
+    """One model replica; resources are set per model with `.options(num_gpus=..., num_cpus=...)`."""
+
+    def __init__(self, model: Mapping[str, Any], judges: Mapping[str, Any], store_root: str, run_id: str,
+                 store_answers: str):
+        self.lm = load_model(resolve_model_path(model["path"]), name=model["name"], dtype=model["dtype"],
+                             device_map=model.get("device_map"),
+                             experts_implementation=model.get("experts_implementation"),
+                             trust_remote_code=model.get("trust_remote_code", False))
+        # judges: name -> a JudgeWorker handle (runs on its own actor) or settings to build one here
+        self.judges = {name: RemoteJudge(j) if isinstance(j, ray.actor.ActorHandle) else make_judge(**j)
+                       for name, j in judges.items()}
+        self.store = ResultStore(store_root)
+        self.run_id, self.store_answers = run_id, store_answers
+
+    def run(self, unit: WorkUnit, attempt: int) -> dict[str, Any]:
+        """Run one unit and commit its rows; returns {"status", "seconds", "error"}."""
+        start = time.perf_counter()
+        try:
+            tables = execute_unit(unit, self.lm, self.judges, self.store_answers)
+            seconds = time.perf_counter() - start
+            self.store.write_unit(self.run_id, unit.model, unit.unit_id, tables, {
+                "method": unit.method, "kind": unit.kind, "status": "ok", "attempts": attempt,
+                "seconds": seconds, "error": None})
+            return {"status": "ok", "seconds": seconds, "error": None}
+        except Exception as e:  # reported to the scheduler, which bounds the attempts
+            return {"status": "failed", "seconds": time.perf_counter() - start, "error": error_text(e)}
+
+
+class RemoteJudge:
+    """A judge running on a JudgeWorker actor, with the judge interface."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.name, self.settings = ray.get(handle.describe.remote())
+
+    def judge(self, prompts, answers):
+        return ray.get(self.handle.judge.remote(list(prompts), list(answers)))

@@ -1,0 +1,302 @@
+"""The scheduler: manifest -> work units -> model actors -> rows in the store.
+
+One driver loop fills the cluster. Models start (their actors created and loaded) while their
+resources fit, and retire when all their units are done, so a sweep with more models than GPUs
+runs them in turn and keeps every GPU busy while work remains. Each actor gets a short queue of
+units; results stream to the store from the actors; the driver keeps only unit statuses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import ray
+from tqdm import tqdm
+
+from core.datasets import PromptRecord, load_prompts
+from core.models import describe_model, resolve_model_path
+from core.store import ResultStore, model_slug
+from jobs.execute import execute_driver_unit
+from jobs.units import PLANS, PlanContext, WorkUnit, method_params
+
+UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
+MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
+
+
+class RunError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    out: str
+    units_total: int = 0
+    units_ok: int = 0
+    units_failed: int = 0
+    units_skipped: int = 0  # done in an earlier attempt of this run
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.units_failed == 0
+
+
+@dataclass
+class _Plan:
+    ctx: PlanContext
+    stages: Iterator[list[WorkUnit]]
+    pending: set[str] = field(default_factory=set)
+    finished: bool = False
+
+
+@dataclass
+class _Model:
+    entry: Any  # the manifest's model entry
+    key: dict[str, Any]
+    plans: list[_Plan]
+    need_gpus: float
+    need_cpus: float
+    actors: list = field(default_factory=list)
+    queue: deque = field(default_factory=deque)  # (unit, attempt, plan)
+    in_flight: dict = field(default_factory=dict)  # object ref -> (unit, attempt, plan, actor)
+    ok: int = 0
+    failed: int = 0
+
+    @property
+    def done(self) -> bool:
+        return all(p.finished for p in self.plans) and not self.queue and not self.in_flight
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local one sized to this machine."""
+    if ray.is_initialized():
+        return
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise RunError(f"cannot reach the Ray cluster at {address!r}: {e}. Start it (`ray start --head`) "
+                           "or leave out --address to run on a local cluster") from e
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def _dataset_prompts(spec) -> list[PromptRecord]:
+    return load_prompts(spec.source, split=spec.split, path=spec.path, columns=spec.columns, limit=spec.limit)
+
+
+def _judge_settings(spec) -> dict[str, Any]:
+    settings = spec.model_dump(exclude_none=True) if hasattr(spec, "model_dump") else dict(spec)
+    settings["name"] = settings.pop("type")
+    settings.pop("num_gpus", None)
+    return settings
+
+
+class Scheduler:
+    def __init__(self, manifest, store: ResultStore, run_id: str, progress: bool = True):
+        self.manifest, self.store, self.run_id = manifest, store, run_id
+        self.done_before = store.done_units(run_id)
+        self.summary = RunSummary(run_id, store.root)
+        self.bar = tqdm(total=0, unit="unit", desc=run_id, disable=not progress, dynamic_ncols=True)
+        self.prompts = {name: _dataset_prompts(spec) for name, spec in manifest.datasets.items()}
+        self.judges = self._start_judges()
+
+    # -- setup -------------------------------------------------------------------------------
+    def _start_judges(self) -> dict[str, Any]:
+        """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier)."""
+        from actors.judge_worker import JudgeWorker
+
+        judges: dict[str, Any] = {"refusal": {"name": "refusal"}}
+        for name, spec in self.manifest.judges.items():
+            settings = _judge_settings(spec)
+            if settings["name"] == "classifier":
+                gpus = getattr(spec, "num_gpus", None)
+                gpus = gpus if gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
+                judges[name] = JudgeWorker.options(num_gpus=gpus).remote(settings)
+            else:
+                judges[name] = settings
+        return judges
+
+    def _model(self, entry) -> _Model | None:
+        shape = describe_model(resolve_model_path(entry.path), entry.trust_remote_code)
+        key = {"name": entry.name, "path": entry.path, "dtype": entry.dtype,
+               "experts_implementation": entry.experts_implementation, "num_layers": shape.num_layers,
+               "num_experts": shape.num_experts}
+        slug = model_slug(entry.name)
+        plans = []
+        for m in self.manifest.methods:
+            if m.models and entry.name not in m.models:
+                continue
+            params = method_params(m.method, m.params or {})
+            roles = dict(m.datasets) if m.datasets else {"dataset": m.dataset}
+            params_json = params.to_json()
+
+            def read(table: str, params_json=params_json) -> list[dict]:
+                rows = self.store.read_table(table, run_id=self.run_id, model=slug).to_pylist()
+                return [r for r in rows if r.get("params") == params_json]
+
+            ctx = PlanContext(key, m.method, params, dataclasses.asdict(params), m.judge or "refusal",
+                              {role: self.prompts[name] for role, name in roles.items()}, roles,
+                              self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
+                              shape.num_layers, read)
+            plans.append(_Plan(ctx, PLANS[m.method](ctx)))
+        if not plans:
+            return None
+        return _Model(entry, key, plans, entry.num_gpus * entry.replicas, entry.num_cpus * entry.replicas)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        start = time.perf_counter()
+        waiting = deque(m for m in map(self._model, self.manifest.models) if m is not None)
+        active: list[_Model] = []
+        while waiting or active:
+            while waiting and self._fits(waiting[0], active):
+                model = waiting.popleft()
+                self._start(model)
+                active.append(model)
+            if not active:
+                m = waiting[0]
+                raise RunError(f"model {m.entry.name!r} needs {m.entry.num_gpus} GPU(s) and {m.entry.num_cpus} "
+                               f"CPU(s) per replica; the cluster has {ray.cluster_resources()}")
+            for model in active:
+                self._advance(model)
+                self._dispatch(model)
+            self._collect(active)
+            for model in [m for m in active if m.done]:
+                active.remove(model)
+                for actor in model.actors:
+                    ray.kill(actor)
+                self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.failed} failed")
+        self.bar.close()
+        self.summary.seconds = time.perf_counter() - start
+        return self.summary
+
+    def _fits(self, model: _Model, active: list[_Model]) -> bool:
+        total = ray.cluster_resources()
+        used_gpus = sum(m.need_gpus for m in active)
+        used_cpus = sum(m.need_cpus for m in active)
+        per_gpus, per_cpus = model.entry.num_gpus, model.entry.num_cpus
+        return (used_gpus + per_gpus <= total.get("GPU", 0) + 1e-9
+                and used_cpus + per_cpus <= total.get("CPU", 0) + 1e-9)
+
+    def _start(self, model: _Model) -> None:
+        """Create as many replicas as fit now (at least one)."""
+        from actors.model_worker import ModelWorker
+
+        total = ray.cluster_resources()
+        fit = model.entry.replicas
+        if model.entry.num_gpus:
+            fit = min(fit, int(total.get("GPU", 0) // model.entry.num_gpus))
+        fit = max(1, min(fit, int(total.get("CPU", 1) // max(model.entry.num_cpus, 1e-9))))
+        model.need_gpus, model.need_cpus = fit * model.entry.num_gpus, fit * model.entry.num_cpus
+        entry = model.entry.model_dump() if hasattr(model.entry, "model_dump") else dict(model.entry)
+        model.actors = [ModelWorker.options(num_gpus=model.entry.num_gpus, num_cpus=model.entry.num_cpus)
+                        .remote(entry, self.judges, self.store.root, self.run_id, self.manifest.store_answers)
+                        for _ in range(fit)]
+
+    def _advance(self, model: _Model) -> None:
+        """Move every plan whose stage is complete to its next stage (reading the store)."""
+        for plan in model.plans:
+            while not plan.finished and not plan.pending:
+                try:
+                    units = next(plan.stages)
+                except StopIteration:
+                    plan.finished = True
+                    break
+                self.bar.total += len(units)
+                self.summary.units_total += len(units)
+                for unit in units:
+                    if unit.unit_id in self.done_before:
+                        self.summary.units_skipped += 1
+                        self.bar.update(1)
+                    elif unit.on_driver:
+                        self._run_on_driver(model, plan, unit)
+                    else:
+                        plan.pending.add(unit.unit_id)
+                        model.queue.append((unit, 1, plan))
+                self.bar.refresh()
+
+    def _run_on_driver(self, model: _Model, plan: _Plan, unit: WorkUnit) -> None:
+        start = time.perf_counter()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                tables = execute_driver_unit(unit, plan.ctx.read)
+                self.store.write_unit(self.run_id, unit.model, unit.unit_id, tables, {
+                    "method": unit.method, "kind": unit.kind, "status": "ok", "attempts": attempt,
+                    "seconds": time.perf_counter() - start, "error": None})
+                self._finished(model, plan, unit, ok=True)
+                return
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+        self._record_failure(model, plan, unit, MAX_ATTEMPTS, time.perf_counter() - start, error)
+
+    def _dispatch(self, model: _Model) -> None:
+        for actor in model.actors:
+            busy = sum(1 for _, _, _, a in model.in_flight.values() if a is actor)
+            while busy < UNITS_PER_ACTOR and model.queue:
+                unit, attempt, plan = model.queue.popleft()
+                model.in_flight[actor.run.remote(unit, attempt)] = (unit, attempt, plan, actor)
+                busy += 1
+
+    def _collect(self, active: list[_Model]) -> None:
+        refs = {ref: model for model in active for ref in model.in_flight}
+        if not refs:
+            return
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+        for ref in ready:
+            model = refs[ref]
+            unit, attempt, plan, _ = model.in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the actor died beyond its restarts
+                result = {"status": "failed", "seconds": 0.0, "error": f"{type(e).__name__}: {e}"[:2000]}
+            if result["status"] == "ok":
+                self._finished(model, plan, unit, ok=True)
+            elif attempt < MAX_ATTEMPTS:
+                model.queue.append((unit, attempt + 1, plan))
+            else:
+                self._record_failure(model, plan, unit, attempt, result["seconds"], result["error"])
+
+    def _record_failure(self, model, plan, unit, attempts, seconds, error) -> None:
+        self.store.write_unit(self.run_id, unit.model, unit.unit_id, {}, {
+            "method": unit.method, "kind": unit.kind, "status": "failed", "attempts": attempts,
+            "seconds": seconds, "error": error})
+        self.bar.write(f"unit {unit.unit_id} ({unit.model}) failed after {attempts} attempts: {error}")
+        self._finished(model, plan, unit, ok=False)
+
+    def _finished(self, model: _Model, plan: _Plan, unit: WorkUnit, ok: bool) -> None:
+        plan.pending.discard(unit.unit_id)
+        if ok:
+            model.ok += 1
+            self.summary.units_ok += 1
+        else:
+            model.failed += 1
+            self.summary.units_failed += 1
+        self.bar.update(1)
+
+
+def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None, address: str | None = None,
+                 force_new_run: bool = False, progress: bool = True) -> RunSummary:
+    """Run `manifest` to completion (or resume it: units already in `units` are skipped)."""
+    from jobs.manifest import manifest_hash
+
+    root = out or manifest.out
+    store = ResultStore(root)
+    run_id = run_id or manifest.run_id
+    digest = manifest_hash(manifest)
+    previous = store.read_table("runs", run_id=run_id).to_pylist()
+    if previous and previous[0]["manifest_hash"] != digest:
+        if not force_new_run:
+            raise RunError(f"run id {run_id!r} already exists in {root!r} with a different manifest; use "
+                           "another --run-id, or --force-new-run to start a new run under a derived id")
+        run_id = f"{run_id}-{digest[:8]}"
+    connect_ray(address)
+    store.write_run(run_id, manifest.to_yaml(), manifest_hash=digest)
+    summary = Scheduler(manifest, store, run_id, progress).run()
+    store.finish_run(run_id, "finished" if summary.complete else "incomplete")
+    return summary

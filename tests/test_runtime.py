@@ -1,0 +1,126 @@
+"""The runtime on a real local Ray cluster: a reduced quickstart end to end, a two-model sweep, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from core.configs import save_tiny_model
+from core.query import run_query
+from core.store import ResultStore
+from jobs.manifest import load_manifest
+from jobs.runner import run_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The quickstart's shape at test size: every method on the sandbox model.
+SMALL = """
+run_id: {run_id}
+store_answers: {store_answers}
+chunking: {{prompts_per_unit: 2, rounds_per_unit: 5}}
+models:
+{models}
+datasets:
+  harmful: {{source: sandbox, split: regular, limit: 3}}
+  jailbreak: {{source: sandbox, split: jailbreak, limit: 3}}
+  benign: {{source: sandbox, split: benign, limit: 3}}
+methods:
+  - method: fsour
+    dataset: harmful
+    params: {{candidates: 4, restarts: 2, max_new_tokens: 12}}
+  - method: rosais
+    dataset: harmful
+    params: {{s1: 2, l_max: 2, max_new_tokens: 12}}
+  - method: safex
+    datasets: {{regular: harmful, jailbreak: jailbreak, benign: benign}}
+    params: {{rounds: 10, max_new_tokens: 12}}
+  - method: steermoe
+    dataset: harmful
+    params: {{top_n: 4, max_new_tokens: 12}}
+"""
+SANDBOX_MODEL = "  - {name: sandbox, path: sandbox, dtype: float32}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(sandbox_dir):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _manifest(tmp_path, run_id="t1", models=SANDBOX_MODEL, store_answers="full"):
+    text = SMALL.format(run_id=run_id, models=models, store_answers=store_answers)
+    path = tmp_path / f"{run_id}.yaml"
+    path.write_text(text)
+    return load_manifest(path)
+
+
+def _table_rows(root, name, run_id):
+    return sorted(json.dumps(r, sort_keys=True, default=str)
+                  for r in ResultStore(root).read_table(name, run_id=run_id).drop_columns(["unit_id"]).to_pylist())
+
+
+RESULT_TABLES = ("fsour_routes", "rosais_scores", "rosais_attack", "safex_counts", "safex_experts",
+                 "safex_validation", "steer_experts", "generations", "metrics")
+
+
+def test_small_quickstart_runs_end_to_end_and_answers_queries(ray_cluster, tmp_path):
+    out = str(tmp_path / "out")
+    summary = run_manifest(_manifest(tmp_path), out=out, progress=False)
+    assert summary.complete and summary.units_ok == summary.units_total > 0
+    metrics = json.loads(run_query("select method, metric, value, n from metrics where run_id = 't1'", out, "json"))
+    names = {(m["method"], m["metric"]) for m in metrics}
+    assert {("fsour", "asr"), ("fsour", "asr_baseline"), ("rosais", "asr_at_L0"), ("safex", "refusal_before"),
+            ("safex", "refusal_after"), ("safex", "refusal_after_random"), ("steermoe", "asr_steered"),
+            ("steermoe", "asr_unsteered")} <= names
+    for table in RESULT_TABLES:
+        assert ResultStore(out).read_table(table, run_id="t1").num_rows > 0, table
+    units = json.loads(run_query("select kind, status from units where run_id = 't1'", out, "json"))
+    assert {u["status"] for u in units} == {"ok"}
+    assert {"fsour_precheck", "rosais_scores", "rosais_attack", "safex_counts", "safex_bootstrap",
+            "safex_validation", "steer_rank"} <= {u["kind"] for u in units}
+    runs = ResultStore(out).read_table("runs", run_id="t1").to_pylist()
+    assert runs[0]["status"] == "finished" and runs[0]["ended_at"] is not None
+
+
+def test_resumed_run_skips_finished_units_and_adds_no_duplicates(ray_cluster, tmp_path):
+    out = str(tmp_path / "out")
+    manifest = _manifest(tmp_path, run_id="r1")
+    first = run_manifest(manifest, out=out, progress=False)
+    before = {t: _table_rows(out, t, "r1") for t in RESULT_TABLES}
+    # Simulate a run cut short: the last stages' units never committed.
+    store = ResultStore(out)
+    lost = [u for u in store.read_table("units", run_id="r1").to_pylist()
+            if u["kind"] in ("rosais_attack", "safex_validation", "fsour_metrics")]
+    for path in Path(out).glob("units/**/*.parquet"):
+        if pq.read_table(path).column("unit_id")[0].as_py() in {u["unit_id"] for u in lost}:
+            path.unlink()
+    second = run_manifest(manifest, out=out, progress=False)
+    assert second.units_total == first.units_total
+    assert second.units_ok == len(lost), "only the lost units run again"
+    assert second.units_skipped == first.units_total - len(lost)
+    assert {t: _table_rows(out, t, "r1") for t in RESULT_TABLES} == before
+
+
+def test_two_models_in_one_sweep(ray_cluster, tmp_path):
+    tiny = save_tiny_model("qwen2_moe", tmp_path / "tiny_qwen")  # a second family, with a shared expert
+    models = SANDBOX_MODEL + f"\n  - {{name: tiny-qwen, path: {tiny}, dtype: float32}}"
+    out = str(tmp_path / "out")
+    summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False)
+    assert summary.complete
+    per_model = json.loads(run_query(
+        "select model, count(*) as n from metrics where run_id = 'two' group by model order by model", out, "json"))
+    assert [m["model"] for m in per_model] == ["sandbox", "tiny-qwen"]
+    assert per_model[0]["n"] == per_model[1]["n"]
+
+
+@pytest.mark.parametrize("mode", ["hash", "none"])
+def test_store_answers_policy(ray_cluster, tmp_path, mode):
+    out = str(tmp_path / "out")
+    run_manifest(_manifest(tmp_path, run_id=f"sa-{mode}", store_answers=mode), out=out, progress=False)
+    gens = ResultStore(out).read_table("generations", run_id=f"sa-{mode}").to_pylist()
+    assert gens and all(g["answer"] is None and g["store_answers"] == mode for g in gens)
+    assert all((len(g["answer_sha256"]) == 64) == (mode == "hash") for g in gens)
