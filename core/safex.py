@@ -1,0 +1,325 @@
+"""SAFEx: stability-based selection of safety-critical experts (Lai et al. 2025; SPEC §4).
+
+Three steps, each a function the runtime can run as its own unit:
+
+1. `safex_counts`: one batched greedy generation per chunk of prompts, recorded by route control,
+   gives per prompt C_i[l, e] (tokens whose top-k at MoE layer l contains expert e) and T_i
+   (tokens counted), for the decode phase (default), the prefill phase or both.
+2. `bootstrap_selection`: pure arithmetic on the stored C_i. Round s resamples the group with
+   replacement, scores p_s = sum_{i in X_s} C_i / sum_{i in X_s} T_i and takes the Top-N experts;
+   the result counts in how many rounds each expert was selected. Each round's sample is a
+   function of (seed, round index) only, so rounds split over units add up to the same answer.
+   `expert_sets` turns the selection counts of the Regular and Jailbreak groups into
+   E_top (selected in >= pi * S rounds), HCDG = E_top(Regular) & E_top(Jailbreak) and
+   HRCG = E_top(Regular) minus E_top(Jailbreak).
+3. `safex_validation`: greedy answers with given experts disabled (-inf, top-k refills), judged;
+   conditions "before" (nothing disabled), "after" (HRCG) and "random" (`random_control`: as many
+   random experts in the same layers).
+
+Layers are MoE layer ordinals 0..L-1 (what `Route` takes); `safex_counts` rows carry the model
+layer index of each ordinal in `moe_layers`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from core.chat import encode_chat, generate_greedy
+from core.judges import Judge, Verdict
+from core.models import LoadedModel
+from core.routing import SCOPES, Route, Scope
+
+PHASES: tuple[str, ...] = ("decode", "prefill", "both")
+CONDITIONS: tuple[str, ...] = ("before", "after", "random")
+EXPERT_SETS: tuple[str, ...] = ("E_top_regular", "E_top_jailbreak", "HCDG", "HRCG")
+
+
+class PromptLike(Protocol):
+    """What the methods read from a prompt record (core.datasets.PromptRecord has it)."""
+
+    id: str
+    prompt: str
+    dataset: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SafexParams:
+    """SAFEx settings (SPEC §4 defaults; the paper gives none).
+
+    rounds: bootstrap rounds S. alpha: Top-N share, N = max(1, floor(alpha * K)) with K = experts
+    per layer (per_layer) or in all layers. pi: E_top keeps experts selected in >= pi * S rounds
+    (1.0 = the paper's strict intersection). phase: which tokens C_i counts ("decode": the answer's
+    tokens, "prefill": the prompt's, "both"). max_new_tokens: answer length for counting and for
+    validation. scope: where disabled experts are blocked during validation ("all" also blocks
+    them while decoding, SPEC §1).
+    """
+
+    rounds: int = 100
+    alpha: float = 0.05
+    pi: float = 1.0
+    seed: int = 42
+    phase: str = "decode"
+    max_new_tokens: int = 128
+    per_layer: bool = True
+    batch_size: int = 16
+    scope: Scope = "all"
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if not 0 < self.alpha <= 1 or not 0 < self.pi <= 1:
+            raise ValueError(f"alpha and pi must be in (0, 1], got alpha={self.alpha}, pi={self.pi}")
+        if self.rounds < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.seed < 0:
+            raise ValueError("rounds, max_new_tokens and batch_size must be positive and seed >= 0")
+
+    def to_json(self) -> str:
+        """The `params` column: every setting, keys sorted."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Counts C_i, T_i
+# ---------------------------------------------------------------------------------------------
+
+def count_routed(indices: torch.Tensor, counted: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens whose top-k contains each expert: indices (B, L, S, k), counted (B, S) bool -> (B, L, E)."""
+    b, l, s, k = indices.shape
+    weight = counted[:, None, :, None].expand(b, l, s, k).long()
+    counts = torch.zeros(b, l, num_experts, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(2, indices.reshape(b, l, s * k), weight.reshape(b, l, s * k))
+
+
+@torch.inference_mode()
+def _generation_counts(lm: LoadedModel, prompts: Sequence[str], phase: str,
+                       max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """C (B, L, E) and T (B,) for one left-padded batch, rows in the order of `prompts`.
+
+    Decode counts the answer's tokens as they are fed back, EOS excluded, at most max_new_tokens:
+    generating one token more routes the last of them. `generate` keeps the attention mask at 1
+    after a row's EOS, so route control's own counts include the padding of finished rows; the
+    top-k indices are recorded instead and counted under this function's own mask.
+    """
+    control = lm.control
+    batch = encode_chat(lm.tokenizer, prompts).to(lm.device)
+    prompt_len = batch["input_ids"].shape[1]
+    new_tokens = 1 if phase == "prefill" else max_new_tokens + 1  # 1: the prefill forward only
+    with control.record(keep_indices=True) as rec:
+        output_ids = lm.model.generate(**batch, do_sample=False, max_new_tokens=new_tokens,
+                                       pad_token_id=lm.tokenizer.pad_token_id)
+    indices = torch.stack([rec.indices(l) for l in range(control.num_layers)], 1)  # (B, L, S, k)
+    fed_back = output_ids[:, prompt_len:indices.shape[2]]  # (B, S - P): generated tokens that were routed
+    eos_ids = lm.model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos_ids is None else eos_ids, dtype=torch.long, device=fed_back.device).reshape(-1)
+    # A generated position counts until the row's first EOS: the cumsum is > 0 from the EOS on.
+    answer_tokens = torch.isin(fed_back, eos).long().cumsum(1) == 0  # (B, S - P)
+    prompt_tokens = batch["attention_mask"].bool()  # (B, P)
+    if phase == "decode":
+        prompt_tokens = torch.zeros_like(prompt_tokens)
+    elif phase == "prefill":
+        answer_tokens = torch.zeros_like(answer_tokens)
+    counted = torch.cat([prompt_tokens, answer_tokens], 1)  # (B, S)
+    return count_routed(indices, counted, control.num_experts), counted.sum(1)
+
+
+def safex_counts(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,
+                 params: SafexParams = SafexParams()) -> list[dict]:
+    """Rows of `safex_counts`: C_i flattened (L, E) row-major and T_i per prompt, in prompt order."""
+    control = lm.control
+    moe_layers = [layer.decoder_index for layer in control.layers]
+    rows = []
+    for start in range(0, len(prompts), params.batch_size):
+        chunk = prompts[start:start + params.batch_size]
+        counts, tokens = _generation_counts(lm, [p.prompt for p in chunk], params.phase, params.max_new_tokens)
+        for prompt, c, t in zip(chunk, counts.cpu(), tokens.tolist()):
+            rows.append({"prompt_id": prompt.id, "dataset": prompt.dataset, "group": group,
+                         "phase": params.phase, "tokens": t, "n_layers": control.num_layers,
+                         "n_experts": control.num_experts, "moe_layers": moe_layers,
+                         "counts": c.flatten().tolist(), "params": params.to_json()})
+    return rows
+
+
+def stack_counts(rows: Sequence[Mapping]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`safex_counts` rows of one group -> counts (P, L, E) int64 and tokens (P,) int64."""
+    shapes = {(r["n_layers"], r["n_experts"]) for r in rows}
+    if len(shapes) != 1:
+        raise ValueError(f"counts rows must share one (n_layers, n_experts) shape, got {sorted(shapes)}")
+    n_layers, n_experts = shapes.pop()
+    counts = torch.tensor([r["counts"] for r in rows], dtype=torch.long).view(len(rows), n_layers, n_experts)
+    return counts, torch.tensor([r["tokens"] for r in rows], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Bootstrap and expert sets
+# ---------------------------------------------------------------------------------------------
+
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic is defined for uint64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def bootstrap_samples(group_size: int, first_round: int, num_rounds: int, seed: int) -> torch.Tensor:
+    """Resampled prompt indices (R, P) of rounds first_round .. first_round + R - 1.
+
+    A counter-based generator: round r's sample depends only on (seed, r), so any split of the
+    rounds into chunks draws the same samples, and all rounds are drawn at once.
+    """
+    rounds = np.arange(first_round, first_round + num_rounds, dtype=np.uint64)  # (R,)
+    seed_key = _splitmix64(np.full(1, seed, dtype=np.uint64))
+    round_keys = _splitmix64(seed_key + rounds * _GOLDEN_GAMMA)  # (R,)
+    draws = np.arange(1, group_size + 1, dtype=np.uint64) * _GOLDEN_GAMMA  # (P,)
+    samples = _splitmix64(round_keys[:, None] + draws[None, :]) % np.uint64(group_size)  # (R, P)
+    return torch.from_numpy(samples.astype(np.int64))
+
+
+def top_n_size(alpha: float, num_candidates: int) -> int:
+    """N = max(1, floor(alpha * K))."""
+    return max(1, math.floor(alpha * num_candidates))
+
+
+def bootstrap_selection(counts: torch.Tensor, tokens: torch.Tensor, rounds: int, alpha: float = 0.05,
+                        per_layer: bool = True, seed: int = 42, round_offset: int = 0,
+                        chunk_rounds: int = 256) -> torch.Tensor:
+    """In how many of rounds round_offset .. round_offset + rounds - 1 each expert is in the Top-N.
+
+    counts: (P, L, E) C_i of one group; tokens: (P,) T_i. Returns (L, E) int64. Top-N is per layer
+    (K = E) or over all layers (K = L * E); equal scores go to the lower (layer, expert) index.
+    Rounds run `chunk_rounds` at a time: the (R, P) sample multiplicities times the (P, L * E)
+    counts give every round's scores in one matrix product.
+    """
+    group_size, num_layers, num_experts = counts.shape
+    if tokens.sum() == 0:
+        raise ValueError("the group has no counted tokens: nothing to select from")
+    num_slots = num_layers * num_experts
+    top_n = top_n_size(alpha, num_experts if per_layer else num_slots)
+    device = counts.device
+    # Scores are integer sums <= group_size * max T_i; float32 holds them exactly below 2**24.
+    exact32 = group_size * int(tokens.max()) < 2 ** 24
+    flat_counts = counts.reshape(group_size, num_slots).to(torch.float32 if exact32 else torch.float64)
+    # Subtracting index / K (< 1) from integer scores breaks ties toward the lower index.
+    tie_break = torch.arange(num_slots, device=device, dtype=torch.float64) / num_slots  # (L*E,)
+    layer_start = (torch.arange(num_layers, device=device) * num_experts)[:, None]  # (L, 1)
+    selected = torch.zeros(num_slots, dtype=torch.long, device=device)
+    for first in range(round_offset, round_offset + rounds, chunk_rounds):
+        n = min(chunk_rounds, round_offset + rounds - first)
+        samples = bootstrap_samples(group_size, first, n, seed).to(device)  # (R, P)
+        multiplicity = torch.zeros(n, group_size, dtype=flat_counts.dtype, device=device)
+        multiplicity.scatter_add_(1, samples, torch.ones_like(samples, dtype=flat_counts.dtype))
+        # p_s = numerator / sum T over the sample; the denominator is shared by all experts of a
+        # round, so ranking the numerators ranks p_s.
+        scores = (multiplicity @ flat_counts).double() - tie_break  # (R, L*E)
+        if per_layer:
+            top = scores.view(n, num_layers, num_experts).topk(top_n, dim=-1).indices + layer_start  # (R, L, N)
+        else:
+            top = scores.topk(top_n, dim=-1).indices  # (R, N)
+        selected += torch.bincount(top.flatten(), minlength=num_slots)
+    return selected.view(num_layers, num_experts)
+
+
+def _as_sets(chosen: torch.Tensor) -> dict[int, list[int]]:
+    """(L, E) bool -> {layer: [experts]} for layers with any expert chosen."""
+    return {layer: experts.nonzero().flatten().tolist() for layer, experts in enumerate(chosen) if experts.any()}
+
+
+def _stable(selected: torch.Tensor, rounds: int, pi: float) -> torch.Tensor:
+    """(L, E) bool: selected in >= pi * rounds rounds (rounded to 1e-9 so 0.9 * 100 means 90)."""
+    return selected >= math.ceil(round(pi * rounds, 9))
+
+
+def expert_sets(selected_regular: torch.Tensor, selected_jailbreak: torch.Tensor, rounds: int,
+                pi: float = 1.0) -> dict[str, dict[int, list[int]]]:
+    """E_top of each group, HCDG and HRCG as {layer: [experts]}, from (L, E) selection counts."""
+    top_regular = _stable(selected_regular, rounds, pi)
+    top_jailbreak = _stable(selected_jailbreak, rounds, pi)
+    return {"E_top_regular": _as_sets(top_regular), "E_top_jailbreak": _as_sets(top_jailbreak),
+            "HCDG": _as_sets(top_regular & top_jailbreak), "HRCG": _as_sets(top_regular & ~top_jailbreak)}
+
+
+def expert_set_rows(selected_regular: torch.Tensor, selected_jailbreak: torch.Tensor,
+                    params: SafexParams) -> list[dict]:
+    """Rows of `safex_experts` for the expert sets (params.rounds rounds, threshold params.pi).
+
+    frequency = share of the rounds selecting the expert in the set's defining group: Jailbreak for
+    E_top_jailbreak, Regular for the others (HCDG and HRCG are parts of E_top(Regular)). Rows
+    "selected_regular" / "selected_jailbreak" give every expert selected in at least one round,
+    so other thresholds pi can be applied to the stored table.
+    """
+    sets = expert_sets(selected_regular, selected_jailbreak, params.rounds, params.pi)
+    sets["selected_regular"] = _as_sets(selected_regular > 0)
+    sets["selected_jailbreak"] = _as_sets(selected_jailbreak > 0)
+    rows = []
+    for name, members in sets.items():
+        selected = selected_jailbreak if name.endswith("jailbreak") else selected_regular
+        for layer, experts in members.items():
+            rows += [{"expert_set": name, "phase": params.phase, "layer": layer, "expert": e,
+                      "frequency": int(selected[layer, e]) / params.rounds, "params": params.to_json()}
+                     for e in experts]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Validation
+# ---------------------------------------------------------------------------------------------
+
+def random_control(disabled: Mapping[int, Sequence[int]], num_experts: int, seed: int = 42) -> dict[int, list[int]]:
+    """As many random experts as `disabled` in each of its layers, never one of the disabled ones.
+
+    Deterministic in (disabled, num_experts, seed); layers are drawn in ascending order."""
+    generator = torch.Generator().manual_seed(seed)
+    control = {}
+    for layer in sorted(disabled):
+        blocked = set(disabled[layer])
+        others = torch.tensor([e for e in range(num_experts) if e not in blocked], dtype=torch.long)
+        if len(others) < len(blocked):
+            raise ValueError(f"layer {layer}: cannot draw {len(blocked)} experts outside the {len(blocked)} "
+                             f"disabled ones among {num_experts}")
+        chosen = others[torch.randperm(len(others), generator=generator)[:len(blocked)]]
+        control[layer] = sorted(chosen.tolist())
+    return control
+
+
+def judged_answers(lm: LoadedModel, prompts: Sequence[PromptLike], route: Route | None, judge: Judge,
+                   max_new_tokens: int, batch_size: int) -> tuple[list[str], list[Verdict]]:
+    """Greedy answers under `route` (None: the unrouted model) and the judge's verdict on each."""
+    texts = [p.prompt for p in prompts]
+    with lm.control.apply(route) if route is not None else contextlib.nullcontext():
+        answers = generate_greedy(lm.model, lm.tokenizer, texts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
+    return answers, judge.judge(texts, answers)
+
+
+def generation_rows(prompts: Sequence[PromptLike], answers: Sequence[str], verdicts: Sequence[Verdict],
+                    method: str, condition: str, route: Route | None, params: str) -> list[dict]:
+    """Rows of `generations` (the runtime adds the answer hash and the store_answers policy)."""
+    scope = route.scope if route is not None else None
+    return [{"prompt_id": p.id, "dataset": p.dataset, "method": method, "condition": condition,
+             "prompt": p.prompt, "answer": answer, "verdicts": [verdict], "scope": scope, "params": params}
+            for p, answer, verdict in zip(prompts, answers, verdicts)]
+
+
+def safex_validation(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,
+                     disabled: Mapping[int, Sequence[int]], condition: str, judge: Judge,
+                     params: SafexParams = SafexParams()) -> tuple[list[dict], list[dict]]:
+    """Refusal per prompt with `disabled` experts blocked: (safex_validation rows, generations rows)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    n_disabled = sum(len(experts) for experts in disabled.values())
+    route = Route.disable(disabled, lm.control.num_experts, scope=params.scope) if n_disabled else None
+    answers, verdicts = judged_answers(lm, prompts, route, judge, params.max_new_tokens, params.batch_size)
+    rows = [{"prompt_id": p.id, "dataset": p.dataset, "group": group, "condition": condition,
+             "refused": None if v.jailbroken is None else not v.jailbroken, "judge": judge.name,
+             "n_disabled": n_disabled, "scope": params.scope, "params": params.to_json()}
+            for p, v in zip(prompts, verdicts)]
+    return rows, generation_rows(prompts, answers, verdicts, "safex", condition, route, params.to_json())

@@ -1,0 +1,145 @@
+"""SteerMoE baseline ("Steering MoE LLMs via Expert (De)Activation", 2025; SPEC §5).
+
+Experts are ranked by the risk difference between two paired behaviours on the same prompts,
+teacher forced (chat(Q) + response, only the response tokens counted):
+
+    p_b[l, i] = response tokens whose top-k at MoE layer l contains expert i / response tokens
+    delta = p_1 - p_2, ranked by |delta|
+
+By convention behaviour 1 is refusal and behaviour 2 compliance, so delta > 0 marks experts tied
+to refusal. Steering (SPEC §1, eps = 0.01 in core.routing) pushes the experts to activate above
+the router's best score and those to deactivate below its worst, then selects as usual:
+mode "safe" activates refusal experts and deactivates compliance ones, "unsafe" the reverse.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Mapping, Sequence
+
+import torch
+
+from core.chat import render_chat
+from core.judges import Judge
+from core.models import LoadedModel
+from core.routing import SCOPES, Route, Scope
+from core.safex import PromptLike, generation_rows, judged_answers
+
+MODES: tuple[str, ...] = ("safe", "unsafe")
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerParams:
+    """SteerMoE settings.
+
+    top_n: how many experts to steer, the first top_n of the |delta| ranking over all layers
+    (10 by default: a few per layer on an 8-expert model, a small share of a large model's
+    experts). mode: "safe" or "unsafe" (default: this project attacks safety). scope: "all"
+    steers prompt and generated tokens, "prompt" the prompt only.
+    """
+
+    top_n: int = 10
+    mode: str = "unsafe"
+    scope: Scope = "all"
+    max_new_tokens: int = 128
+    batch_size: int = 16
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.top_n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("top_n, max_new_tokens and batch_size must be positive")
+
+    def to_json(self) -> str:
+        """The `params` column: every setting, keys sorted."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@torch.inference_mode()
+def response_routing(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str],
+                     batch_size: int = 16) -> tuple[torch.Tensor, int]:
+    """Expert counts (L, E) over the response tokens of chat(prompt) + response, and their number.
+
+    Prompt and response are tokenised apart, so the boundary is exact, and right padded, so the
+    default positions are right; route control counts positions >= each row's prompt length
+    (a per-row boundary) whose attention mask is 1, i.e. exactly the response tokens.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"one response per prompt: got {len(prompts)} prompts and {len(responses)} responses")
+    tokenizer, control = lm.tokenizer, lm.control
+    prompt_ids = tokenizer(render_chat(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    counts = torch.zeros(control.num_layers, control.num_experts, dtype=torch.long)
+    tokens = 0
+    for start in range(0, len(prompts), batch_size):
+        prompt_chunk = prompt_ids[start:start + batch_size]
+        sequences = [p + r for p, r in zip(prompt_chunk, response_ids[start:start + batch_size])]
+        width = max(map(len, sequences))
+        input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])  # (B, S)
+        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])  # (B, S)
+        boundary = torch.tensor([len(p) for p in prompt_chunk])  # (B,)
+        with control.prompt_length(boundary.to(lm.device)), control.record() as rec:
+            # Only the routing is needed: logits_to_keep=1 spares the (B, S, vocab) output.
+            lm.model(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
+                     logits_to_keep=1)
+        counts += rec.counts()[:, :, 1].sum(0).cpu()  # [:, :, 1]: positions past the prompt
+        tokens += int(rec.tokens()[:, 1].sum())
+    return counts, tokens
+
+
+def steer_rank(lm: LoadedModel, prompts: Sequence[PromptLike], responses_1: Sequence[str],
+               responses_2: Sequence[str], params: SteerParams = SteerParams()) -> list[dict]:
+    """Rows of `steer_experts` for every (layer, expert): p1, p2, delta = p1 - p2, rank by |delta|.
+
+    Rank 0 is the largest |delta|; equal |delta| keep (layer, expert) order."""
+    texts = [p.prompt for p in prompts]
+    shares = []
+    for responses in (responses_1, responses_2):
+        counts, tokens = response_routing(lm, texts, responses, params.batch_size)
+        if tokens == 0:
+            raise ValueError("the responses have no tokens to count")
+        shares.append(counts.double() / tokens)  # (L, E)
+    p1, p2 = shares
+    delta = p1 - p2
+    order = torch.sort(delta.abs().flatten(), descending=True, stable=True).indices  # (L*E,)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    dataset = "+".join(sorted({p.dataset for p in prompts}))
+    num_experts = delta.shape[1]
+    p1, p2, delta, rank = (t.flatten().tolist() for t in (p1, p2, delta, rank))
+    return [{"dataset": dataset, "layer": slot // num_experts, "expert": slot % num_experts, "p1": p1[slot],
+             "p2": p2[slot], "delta": delta[slot], "rank": rank[slot], "params": params.to_json()}
+            for slot in order.tolist()]
+
+def steer_route(rank_rows: Sequence[Mapping], top_n: int, num_experts: int, mode: str = "unsafe",
+                scope: Scope = "all") -> Route:
+    """The steering route for the top_n ranked experts (delta = 0 ones are left alone)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    refusal: dict[int, list[int]] = {}  # delta > 0: used more while refusing
+    compliance: dict[int, list[int]] = {}
+    for row in sorted(rank_rows, key=lambda r: r["rank"])[:top_n]:
+        if row["delta"] != 0:
+            side = refusal if row["delta"] > 0 else compliance
+            side.setdefault(row["layer"], []).append(row["expert"])
+    activate, deactivate = (refusal, compliance) if mode == "safe" else (compliance, refusal)
+    return Route.steering(activate, deactivate, num_experts, scope=scope)
+
+
+def steer_generate(lm: LoadedModel, prompts: Sequence[PromptLike], route: Route | None, judge: Judge,
+                   params: SteerParams = SteerParams(), condition: str = "steered") -> tuple[list[dict], list[dict]]:
+    """Greedy answers under `route` (None: unsteered), judged: (metrics rows, generations rows).
+
+    The metric is `asr_<condition>`: the share of jailbroken answers among those the judge
+    decided, per dataset."""
+    answers, verdicts = judged_answers(lm, prompts, route, judge, params.max_new_tokens, params.batch_size)
+    decided: dict[str, list[bool]] = {}
+    for prompt, verdict in zip(prompts, verdicts):
+        if verdict.jailbroken is not None:
+            decided.setdefault(prompt.dataset, []).append(verdict.jailbroken)
+    metrics = [{"dataset": dataset, "method": "steermoe", "metric": f"asr_{condition}",
+                "value": sum(jailbroken) / len(jailbroken), "n": len(jailbroken)}
+               for dataset, jailbroken in decided.items()]
+    return metrics, generation_rows(prompts, answers, verdicts, "steermoe", condition, route, params.to_json())
