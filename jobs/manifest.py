@@ -1,0 +1,555 @@
+"""The run manifest: one YAML file naming the models, datasets, judges and methods of a run.
+
+    manifest = load_manifest("manifests/quickstart.yaml")   # schema, types, names: reads only the file
+    check_manifest(manifest)                                # model configs, datasets, output root
+    manifest.to_yaml(), manifest_hash(manifest)             # what the `runs` table records
+
+Both steps raise `ManifestError`, whose lines each name the field path, the bad value and what is
+allowed, e.g. `methods[0].params.candidates: -1 is not allowed: fsour.candidates must be a
+positive integer, got -1`. Nothing in a manifest is ever evaluated as code: YAML is read with
+the safe loader, and every field is plain data checked against a schema. No field can hold a
+secret: judges name the environment variable that holds their API key (`api_key_env`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Hashable
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, TypeAdapter,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+
+from core.datasets import DATASETS, FIELDS, FILE_TYPES, DatasetError, PromptRecord, load_prompts
+from core.judges import JUDGES, Judge, make_judge
+from core.store import ResultStore, StoreError, _check_id, model_slug
+
+# method -> "module:ParamsClass"; imported when first needed, so a method whose module is absent
+# fails only manifests that use it.
+METHOD_PARAMS: dict[str, str] = {
+    "fsour": "core.fsour:FsourParams",
+    "rosais": "core.rosais:RosaisParams",
+    "safex": "core.safex:SafexParams",
+    "steermoe": "core.steermoe:SteerParams",
+}
+# F-SOUR optimises towards each prompt's target reply; SteerMoE uses it as the compliance
+# continuation it contrasts with refusal.
+NEEDS_TARGET: tuple[str, ...] = ("fsour", "steermoe")
+SANDBOX = "sandbox"  # model path of the embedded sandbox model (core.sandbox), built on first use
+DEFAULT_JUDGE = "refusal"  # offline, always available
+STORE_ANSWERS: tuple[str, ...] = ("full", "hash", "none")
+# Setting names that would hold a secret's value; `*_env` names a variable instead.
+_SECRET_KEY = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+
+
+class ManifestError(ValueError):
+    """A manifest is unusable; `problems` holds one line per problem, each naming its field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _problem(reason: str, *, at: str = "", value: Any = dataclasses.MISSING) -> PydanticCustomError:
+    """A validation error for `_format_error`: `at` extends the failing field's path (e.g. into
+    `params`), `value` is the offending value, quoted in the message."""
+    ctx = {"reason": reason, "at": at}
+    if value is not dataclasses.MISSING:
+        ctx["value"] = value
+    return PydanticCustomError("manifest", "{reason}", ctx)
+
+
+def _unknown_keys(keys: list[Any], allowed: list[str]) -> PydanticCustomError:
+    return PydanticCustomError("unknown_key", "unknown key(s) {keys}", {"keys": keys, "allowed": allowed})
+
+
+class _Section(BaseModel):
+    """A manifest section: only its own keys, types as written (no "5" for 5), immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # Caught here rather than by extra="forbid" so the message can list the allowed keys.
+        if isinstance(data, dict):
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                raise _unknown_keys(unknown, list(cls.model_fields))
+        return data
+
+
+class Chunking(_Section):
+    """How methods split into work units (the unit of scheduling, retry and resume)."""
+
+    prompts_per_unit: PositiveInt = 8  # prompts per unit of per-prompt work
+    rounds_per_unit: PositiveInt = 50  # SAFEx bootstrap rounds per unit
+
+
+class ModelSpec(_Section):
+    name: str  # unique; the model's slug in result paths and the `model` column
+    path: str  # "sandbox", a local directory, a hub id or an s3:// prefix
+    dtype: str = "auto"  # a name in core.models.DTYPES
+    num_gpus: NonNegativeFloat = 0  # per replica; 0 = CPU
+    num_cpus: PositiveFloat = 1  # per replica
+    replicas: PositiveInt = 1  # model actors for this model
+    device_map: Literal["auto"] | None = None  # "auto": spread the model over the replica's GPUs
+    experts_implementation: str | None = None  # transformers' MoE kernel; None = its default
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, name: str) -> str:
+        try:
+            slug = model_slug(name)
+        except StoreError:
+            slug = None
+        if slug != name:
+            example = f" (e.g. {slug!r})" if slug else ""
+            raise _problem(f"cannot name result directories: use letters, digits, '.', '_' and '-', starting "
+                           f"with a letter or digit{example}", value=name)
+        return name
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, dtype: str) -> str:
+        from core.models import DTYPES  # imported when needed: it brings in torch
+
+        if dtype not in DTYPES:
+            raise _problem(f"is not one of {', '.join(DTYPES)}", value=dtype)
+        return dtype
+
+    @field_validator("experts_implementation")
+    @classmethod
+    def _known_kernel(cls, kernel: str | None) -> str | None:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        known = ["eager", *ALL_EXPERTS_FUNCTIONS.valid_keys()]
+        if kernel is not None and kernel not in known:
+            raise _problem(f"is not one of {', '.join(known)}", value=kernel)
+        return kernel
+
+
+class DatasetSpec(_Section):
+    """Arguments of core.datasets.load_prompts."""
+
+    source: str  # a name in DATASETS, or a .csv / .jsonl / .parquet path or URL
+    split: str | None = None
+    path: str | None = None  # a local copy of jbb / advbench / advbench50 instead of the hub
+    columns: dict[Literal[FIELDS], str | None] | None = None
+    limit: PositiveInt | None = None
+    sandbox_split: Literal["heldout", "train"] | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source not in DATASETS and PurePosixPath(source).suffix.lower() not in FILE_TYPES:
+            raise _problem(f"is not one of {', '.join(DATASETS)}, nor a path to a {', '.join(FILE_TYPES)} file",
+                           value=source)
+        return source
+
+    def load(self) -> list[PromptRecord]:
+        return load_prompts(self.source, **self.model_dump(exclude={"source"}))
+
+
+class JudgeSpec(BaseModel):
+    """`type` (a name in core.judges.JUDGES) and that judge's constructor arguments."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+    type: str
+
+    @model_validator(mode="after")
+    def _buildable(self) -> JudgeSpec:
+        if self.type not in JUDGES:
+            raise _problem(f"is not one of {', '.join(JUDGES)}", at=".type", value=self.type)
+        accepted = list(inspect.signature(JUDGES[self.type]).parameters)
+        unknown = [key for key in self.settings if key not in accepted]
+        # No judge takes a secret (they read keys from variables named by *_env), so a secret can
+        # only arrive as an unknown key; its value is deliberately not echoed.
+        secrets = [key for key in unknown if _SECRET_KEY.search(str(key)) and not str(key).endswith("_env")]
+        if secrets:
+            raise _problem(f"key {secrets[0]!r} would hold a secret, and manifests are stored with the results: "
+                           f"export the secret as an environment variable and give its name instead "
+                           f"(api_key_env: JUDGE_API_KEY)")
+        if unknown:
+            raise _unknown_keys(unknown, ["type", *accepted])
+        try:  # judges check their settings when built; none contacts anything before check()
+            self.build()
+        except (ValueError, TypeError) as error:
+            raise _problem(str(error)) from None
+        return self
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self) -> Judge:
+        return make_judge(self.type, **self.settings)
+
+
+class SafexDatasets(_Section):
+    """SAFEx's prompt groups, each a dataset name: harmful requests, the same requests rewritten as
+    jailbreaks, and optionally benign requests."""
+
+    regular: str
+    jailbreak: str
+    benign: str | None = None
+
+
+class MethodSpec(_Section):
+    method: Literal[tuple(METHOD_PARAMS)]
+    dataset: str | None = None  # every method but safex
+    datasets: SafexDatasets | None = None  # safex
+    judge: str = DEFAULT_JUDGE
+    models: list[str] | None = Field(default=None, min_length=1)  # None: every model
+    # fields of the method's params dataclass; missing ones take its defaults
+    params: dict[str, Any] = Field(default={}, validate_default=True)
+
+    @field_validator("params")
+    @classmethod
+    def _params_fit(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "method" in info.data:  # else the method itself was invalid, and reported
+            _build_params(info.data["method"], params)
+        return params
+
+    @model_validator(mode="after")
+    def _datasets_fit(self) -> MethodSpec:
+        if self.method == "safex" and (self.datasets is None or self.dataset is not None):
+            raise _problem("safex takes three prompt groups, not `dataset`: "
+                           "datasets: {regular: <name>, jailbreak: <name>, benign: <name>}")
+        if self.method != "safex" and (self.dataset is None or self.datasets is not None):
+            raise _problem(f"{self.method} takes one dataset: dataset: <name>")
+        return self
+
+    def datasets_used(self) -> dict[str, str]:
+        """Field path within this method -> dataset name, for every dataset it reads."""
+        if self.datasets is None:
+            return {"dataset": self.dataset}
+        groups = self.datasets.model_dump(exclude_none=True)
+        return {f"datasets.{group}": name for group, name in groups.items()}
+
+    def build_params(self) -> Any:
+        """This method's params dataclass (FsourParams, ...), defaults filled in."""
+        return _build_params(self.method, self.params)
+
+
+class Manifest(_Section):
+    run_id: str | None = None  # load_manifest fills it in when absent
+    out: str = "results"  # result root: a local directory or s3://bucket/prefix
+    store_answers: Literal[STORE_ANSWERS] = "full"  # what the generations table keeps of each answer
+    chunking: Chunking = Chunking()
+    models: list[ModelSpec] = Field(min_length=1)
+    datasets: dict[str, DatasetSpec] = Field(min_length=1)
+    judges: dict[str, JudgeSpec] = Field(default={}, validate_default=True)  # "refusal" is always added
+    methods: list[MethodSpec] = Field(min_length=1)
+
+    @field_validator("run_id")
+    @classmethod
+    def _file_safe(cls, run_id: str | None) -> str | None:
+        if run_id is not None:
+            try:
+                _check_id("run_id", run_id)
+            except StoreError as error:
+                raise _problem(str(error).split(": ", 1)[1], value=run_id) from None
+        return run_id
+
+    @field_validator("judges")
+    @classmethod
+    def _default_judge(cls, judges: dict[str, JudgeSpec]) -> dict[str, JudgeSpec]:
+        # Written out so that the stored manifest says which judge `judge: refusal` meant.
+        if DEFAULT_JUDGE in judges:
+            return judges
+        return {DEFAULT_JUDGE: JudgeSpec(type=DEFAULT_JUDGE), **judges}
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Manifest:
+        problems = []
+        first_use: dict[str, int] = {}
+        for i, model in enumerate(self.models):
+            if model.name in first_use:
+                problems.append(f"models[{i}].name: {model.name!r} is already the name of "
+                                f"models[{first_use[model.name]}]: model names must be unique")
+            first_use.setdefault(model.name, i)
+        for i, method in enumerate(self.methods):
+            references = [(f"methods[{i}].{field}", name, "dataset", self.datasets)
+                          for field, name in method.datasets_used().items()]
+            references.append((f"methods[{i}].judge", method.judge, "judge", self.judges))
+            references += [(f"methods[{i}].models[{j}]", name, "model", first_use)
+                           for j, name in enumerate(method.models or [])]
+            for where, name, kind, defined in references:
+                if name not in defined:
+                    problems.append(f"{where}: {name!r} is not a {kind} in this manifest; "
+                                    f"defined: {', '.join(defined)}")
+        if problems:
+            raise PydanticCustomError("problems", "{lines}", {"lines": problems})
+        return self
+
+    def models_for(self, method: MethodSpec) -> list[ModelSpec]:
+        """The models `method` runs on: its `models`, or all of them."""
+        return [m for m in self.models if method.models is None or m.name in method.models]
+
+    def to_yaml(self) -> str:
+        """The manifest as stored in the `runs` table: every field, defaults included."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+@functools.cache
+def _params_class(method: str) -> type:
+    module, _, name = METHOD_PARAMS[method].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _params_adapter(method: str) -> TypeAdapter:
+    return TypeAdapter(_params_class(method))
+
+
+def _build_params(method: str, params: dict[str, Any]) -> Any:
+    """`method`'s params dataclass built from `params`: types checked as pydantic does (lax: a
+    YAML list fills a tuple field), then the dataclass's own checks. Errors name the key."""
+    try:
+        cls = _params_class(method)
+    except ModuleNotFoundError as error:
+        raise _problem(f"method {method!r} is not available: module {error.name} is missing") from None
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in params if key not in allowed]
+    if unknown:
+        raise _unknown_keys(unknown, allowed)
+    try:
+        return _params_adapter(method).validate_python(params)
+    except ValidationError as validation:
+        error = validation.errors(include_url=False)[0]
+        if error["loc"]:  # a field's type
+            raise _problem(_lower_first(error["msg"]), at=f".{error['loc'][0]}", value=error["input"]) from None
+        # __post_init__ refused the values; its message names the field(s)
+        reason = str(error.get("ctx", {}).get("error", error["msg"]))
+        named = [key for key in params if re.search(rf"\b{re.escape(key)}\b", reason)]
+        if len(named) == 1:
+            raise _problem(reason, at=f".{named[0]}", value=params[named[0]]) from None
+        raise _problem(reason) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+class _ManifestLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data only: no !!python tags), refusing a key given twice in one
+    mapping, which plain YAML resolves silently by keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # construct_mapping itself reports these
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"found key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_manifest(source: str | os.PathLike) -> Manifest:
+    """A validated manifest from a file (a Path, or a str ending in .yaml/.yml) or from YAML text.
+
+    A manifest without run_id gets `<file stem>-<first 8 hex of its manifest_hash>`, so the same
+    manifest resumes the same run and an edited one starts a new run."""
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source
+                                            and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ManifestError([f"cannot read manifest {str(path)!r}: {error.strerror or error}"]) from None
+        stem = path.stem
+    else:
+        text, stem = str(source), "manifest"
+    try:
+        data = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise ManifestError([_yaml_problem(error)]) from None
+    if not isinstance(data, dict):
+        raise ManifestError([f"a manifest is a YAML mapping (key: value lines) with models, datasets and "
+                             f"methods; this one is {type(data).__name__ if data is not None else 'empty'}"])
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as validation:
+        raise ManifestError([line for error in validation.errors(include_url=False)
+                             for line in _format_error(error)]) from None
+    if manifest.run_id is None:
+        manifest = manifest.model_copy(update={"run_id": f"{model_slug(stem)}-{manifest_hash(manifest)[:8]}"})
+    return manifest
+
+
+def manifest_hash(manifest: Manifest) -> str:
+    """sha256 of the manifest's canonical JSON, leaving out run_id and out: they say where a run
+    goes, not what it computes. A run id reused with another hash names a different run."""
+    canonical = json.dumps(manifest.model_dump(mode="json", exclude={"run_id", "out"}), sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    what = getattr(error, "problem", None) or str(error)
+    hint = ""
+    if isinstance(error, yaml.constructor.ConstructorError) and "tag" in what:
+        hint = " (a manifest is plain data: YAML tags such as !!python/object are refused)"
+    return f"invalid YAML at {where}{what}{hint}"
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
+
+
+def _format_error(error: dict) -> list[str]:
+    """Manifest lines for one pydantic error: field path, bad value, what is allowed."""
+    kind, ctx, loc = error["type"], error.get("ctx", {}), error["loc"]
+    if kind == "problems":
+        return ctx["lines"]
+    path = (_path(loc) + ctx.get("at", "")).lstrip(".")
+    if kind == "unknown_key" or (kind == "literal_error" and loc and loc[-1] == "[key]"):
+        if kind == "literal_error":  # a key of a mapping with fixed keys (datasets.*.columns)
+            path, keys, allowed = _path(loc[:-2]), [loc[-2]], re.findall(r"'([^']*)'", ctx["expected"])
+        else:
+            keys, allowed = ctx["keys"], ctx["allowed"]
+        where = f"in {path}" if path else "at the top level"
+        lines = []
+        for key in keys:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"unknown key {key!r} {where}{guess}; allowed: {', '.join(allowed)}")
+        return lines
+    prefix = f"{path}: " if path else ""
+    if kind == "missing":
+        return [f"{prefix}required, but missing"]
+    if kind == "manifest":
+        if "value" in ctx:  # a reason may say what the value is ("is not one of ...")
+            joint = " " if ctx["reason"].startswith("is ") else " is not allowed: "
+            return [f"{prefix}{_show(ctx['value'])}{joint}{ctx['reason']}"]
+        return [f"{prefix}{ctx['reason']}"]
+    if kind == "literal_error":
+        return [f"{prefix}{_show(error['input'])} is not one of {ctx['expected']}"]
+    return [f"{prefix}{_show(error['input'])} is not allowed: {_lower_first(error['msg'])}"]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _lower_first(message: str) -> str:
+    return message[:1].lower() + message[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks against the world
+
+_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")  # by family naming
+
+
+def check_manifest(manifest: Manifest, out: str | None = None) -> None:
+    """Check what the manifest points at, starting no work: ManifestError listing every problem.
+
+    The result root (`out`, default manifest.out) must be writable; each model's config must load
+    (hub ids need the network or a cached copy; s3:// prefixes need only their config.json) and
+    be a supported MoE family; each dataset must load, with unique ids and, for the methods that
+    need one, a target per prompt; RoSais' `allowed` must fit each model's experts. Judges are
+    not contacted: their endpoints may be reachable only from the cluster."""
+    from core.families import UnsupportedModelError
+    from core.models import ModelLoadError
+
+    problems = []
+    try:
+        ResultStore(out or manifest.out)
+    except StoreError as error:
+        problems.append(f"{'--out' if out else 'out'}: {error}")
+
+    experts: dict[str, tuple[int, int]] = {}  # model name -> (routed experts, top-k)
+    for i, model in enumerate(manifest.models):
+        try:
+            experts[model.name] = _experts(_model_config(model))
+        except (ModelLoadError, UnsupportedModelError, OSError, ValueError) as error:
+            problems.append(f"models[{i}] ({model.name}): path {model.path!r}: {_first_paragraph(error)}")
+
+    prompts: dict[str, list[PromptRecord]] = {}
+    for name, dataset in manifest.datasets.items():
+        try:
+            prompts[name] = dataset.load()
+        except DatasetError as error:
+            problems.append(f"datasets.{name}: {error}")
+
+    for i, method in enumerate(manifest.methods):
+        if method.method in NEEDS_TARGET:
+            for field, name in method.datasets_used().items():
+                untargeted = [p.id for p in prompts.get(name, []) if p.target is None]
+                if untargeted:
+                    problems.append(
+                        f"methods[{i}].{field}: {method.method} needs a target reply for every prompt, but dataset "
+                        f"{name!r} has {len(untargeted)} without one (e.g. {untargeted[0]!r}): map its target column "
+                        f"in datasets.{name}.columns.target")
+        if method.method == "rosais":
+            params = method.build_params()
+            for model in manifest.models_for(method):
+                if model.name in experts:
+                    try:
+                        params.allowed_experts(*experts[model.name])
+                    except ValueError as error:
+                        problems.append(f"methods[{i}].params.allowed: {params.allowed!r} is not allowed for model "
+                                        f"{model.name!r}: {error}")
+    if problems:
+        raise ManifestError(problems)
+
+
+def _model_config(model: ModelSpec) -> dict[str, Any]:
+    """The model's config as a dict, without loading (or, for s3://, downloading) weights."""
+    from core.models import ModelLoadError, load_config, resolve_path
+
+    if model.path == SANDBOX:
+        from core.sandbox import SandboxConfig
+
+        return {"model_type": "mixtral", **dataclasses.asdict(SandboxConfig())}
+    if model.path.startswith("s3://"):
+        import s3fs
+
+        config_file = model.path.rstrip("/") + "/config.json"
+        try:
+            return json.loads(s3fs.S3FileSystem().cat_file(config_file))
+        except FileNotFoundError:
+            raise ModelLoadError(f"{config_file} does not exist: point `path` at a saved model's prefix") from None
+        except Exception as error:  # botocore's credential and permission errors share no useful base
+            raise ModelLoadError(f"cannot read {config_file}: {type(error).__name__}: {error}") from None
+    return load_config(resolve_path(model.path), model.trust_remote_code).to_dict()
+
+
+def _experts(config: dict[str, Any]) -> tuple[int, int]:
+    """(routed experts, top-k) of a supported MoE config."""
+    from core.families import family_for
+    from core.models import ModelLoadError
+
+    family_for(config.get("model_type", "?"))
+    count = next((config[key] for key in _EXPERT_COUNT_KEYS if config.get(key)), None)
+    if count is None or not config.get("num_experts_per_tok"):
+        raise ModelLoadError(f"its config names no expert count ({', '.join(_EXPERT_COUNT_KEYS)}) or "
+                             f"num_experts_per_tok")
+    return count, config["num_experts_per_tok"]
+
+
+def _first_paragraph(error: Exception) -> str:
+    # transformers' config errors run to several paragraphs of advice; the first says what is wrong.
+    return str(error).strip().split("\n\n")[0]

@@ -1,0 +1,196 @@
+"""The `moesafe` command line, in-process through main([...]) and once as the installed script."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from core.families import FAMILIES
+from core.store import ResultStore
+from jobs.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO_ROOT / "manifests" / "quickstart.yaml"
+RUN = "nightly-1"
+
+
+def moesafe(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def store_root(tmp_path) -> str:
+    """A store with one run: two ok units with metrics, and one failed unit."""
+    root = str(tmp_path / "results")
+    store = ResultStore(root)
+    store.write_run(RUN, "models: []\n", versions={"moesafe": "0.1.0"})
+    unit = {"method": "fsour", "kind": "fsour_restart", "status": "ok", "attempts": 1, "seconds": 1.5, "error": None}
+    store.write_unit(RUN, "sandbox", "fsour-0000", {"metrics": [
+        dict(dataset="sandbox-heldout-regular", method="fsour", metric="asr", value=0.75, n=8)]}, unit)
+    store.write_unit(RUN, "tiny", "fsour-0000", {"metrics": [
+        dict(dataset="sandbox-heldout-regular", method="fsour", metric="asr", value=0.5, n=8)]}, unit)
+    store.write_unit(RUN, "sandbox", "fsour-0001", {},
+                     {**unit, "status": "failed", "attempts": 3, "error": "RuntimeError: CUDA out of memory"})
+    return root
+
+
+def test_models_lists_every_family_with_router_and_rule(capsys):
+    code, out, _ = moesafe(capsys, "models")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1 + len(FAMILIES)
+    assert lines[0].split()[:2] == ["family", "(model_type)"]
+    by_family = {line.split()[0]: line for line in lines[1:]}
+    assert set(by_family) == set(FAMILIES)
+    assert "MixtralTopKRouter" in by_family["mixtral"] and "softmax -> top-k -> renormalise" in by_family["mixtral"]
+    assert "sigmoid + e_score_correction_bias" in by_family["deepseek_v3"]
+    assert "PhimoeTopKRouter" in by_family["phimoe"] and "sparsemixer" in by_family["phimoe"]
+
+
+def test_validate_accepts_the_quickstart(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESAFE_CACHE", str(tmp_path / "cache"))  # validating builds no sandbox
+    code, out, err = moesafe(capsys, "validate", str(QUICKSTART), "--out", str(tmp_path / "out"))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"OK {QUICKSTART}: run quickstart-") and "4 method(s)" in out
+    assert not (tmp_path / "cache").exists()
+
+
+def test_validate_reports_every_problem_and_exits_2(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("dtype: float32", "dtype: fp8\n    modle: x")
+                   .replace("dataset: harmful", "dataset: harmfull", 1))
+    code, out, err = moesafe(capsys, "validate", str(bad))
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    lines = err.splitlines()
+    assert lines[0] == "moesafe validate: 1 problem in the manifest:"
+    assert lines[1].startswith("  unknown key 'modle' in models[0]; allowed: name, path, dtype")
+    # once the schema holds, names are resolved, every problem reported at once
+    bad.write_text(QUICKSTART.read_text().replace("dataset: harmful", "dataset: harmfull", 2))
+    code, _, err = moesafe(capsys, "validate", str(bad))
+    assert code == EXIT_BAD_INPUT
+    assert err.splitlines()[1:] == [
+        "  methods[0].dataset: 'harmfull' is not a dataset in this manifest; defined: harmful, jailbreak, benign",
+        "  methods[1].dataset: 'harmfull' is not a dataset in this manifest; defined: harmful, jailbreak, benign"]
+
+
+def test_validate_checks_the_output_root(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    code, _, err = moesafe(capsys, "validate", str(QUICKSTART), "--out", str(tmp_path / "a-file" / "out"))
+    assert code == EXIT_BAD_INPUT and "  --out: result root " in err and "is not writable" in err
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_query_formats(capsys, store_root, fmt):
+    sql = "select model, metric, value, n from metrics order by model"
+    code, out, err = moesafe(capsys, "query", sql, "--out", store_root, "--format", fmt)
+    assert (code, err) == (0, "")
+    if fmt == "json":
+        assert json.loads(out) == [{"model": "sandbox", "metric": "asr", "value": 0.75, "n": 8},
+                                   {"model": "tiny", "metric": "asr", "value": 0.5, "n": 8}]
+    elif fmt == "csv":
+        assert out.splitlines() == ["model,metric,value,n", "sandbox,asr,0.75,8", "tiny,asr,0.5,8"]
+    else:
+        lines = out.splitlines()
+        assert lines[0].split() == ["model", "metric", "value", "n"]
+        assert lines[2].split() == ["sandbox", "asr", "0.75", "8"] and lines[-1] == "(2 rows)"
+
+
+def test_query_with_bad_sql_is_one_line_and_exits_2(capsys, store_root):
+    code, out, err = moesafe(capsys, "query", "select nope from metrics", "--out", store_root)
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert err.startswith("moesafe query: error: BinderException: ") and "nope" in err and err.count("\n") == 1
+
+
+def test_status_shows_runs_units_and_failures(capsys, store_root):
+    code, out, err = moesafe(capsys, "status", "--out", store_root)
+    assert (code, err) == (0, "")
+    header, _, row, *rest = out.splitlines()
+    assert header.split() == ["run_id", "status", "started_at", "ended_at", "units_ok", "units_failed"]
+    assert row.split()[:2] == [RUN, "running"] and row.split()[-2:] == ["2", "1"]
+    assert "failed units (1):" in rest
+    assert (f"  {RUN} sandbox fsour-0001 (fsour, 3 attempts): RuntimeError: CUDA out of memory") in rest
+
+
+def test_status_of_one_run_and_of_nothing(capsys, store_root, tmp_path):
+    code, out, _ = moesafe(capsys, "status", "--out", store_root, "--run-id", "other-run")
+    assert code == 0 and "(0 rows)" in out and "failed units" not in out
+    code, _, err = moesafe(capsys, "status", "--out", store_root, "--run-id", "x'; drop")
+    assert code == EXIT_BAD_INPUT and err.startswith("moesafe status: error: --run-id \"x'; drop\" cannot name a file")
+    code, _, err = moesafe(capsys, "status", "--out", str(tmp_path / "empty"))
+    assert code == EXIT_BAD_INPUT and "no runs under" in err
+
+
+@pytest.mark.parametrize("failed", [0, 1])
+def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkeypatch, failed):
+    calls = []
+
+    def run_manifest(manifest, *, out, run_id, address, force_new_run):
+        calls.append((manifest.run_id, out, run_id, address, force_new_run))
+        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed)
+
+    # jobs.runner is the lead's; the CLI only needs its run_manifest
+    monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=run_manifest))
+    code, out, err = moesafe(capsys, "run", str(QUICKSTART), "--out", store_root, "--run-id", RUN,
+                             "--address", "auto")
+    assert calls == [(calls[0][0], store_root, RUN, "auto", False)] and calls[0][0].startswith("quickstart-")
+    assert err == "" and code == (EXIT_INCOMPLETE if failed else 0)
+    lines = out.splitlines()
+    assert lines[0].split() == ["model", "dataset", "method", "metric", "value", "n"]
+    assert lines[2].split() == ["sandbox", "sandbox-heldout-regular", "fsour", "asr", "0.75", "8"]
+    assert f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed}/3 units ok, {failed} failed" in lines
+    assert lines[-1] == f'explore: moesafe query "select * from metrics where run_id = \'{RUN}\'" --out {store_root}'
+
+
+def test_run_refuses_a_bad_manifest_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=None))  # never called
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("candidates: 16", "candidates: -1"))
+    code, _, err = moesafe(capsys, "run", str(bad), "--out", str(tmp_path / "out"))
+    assert code == EXIT_BAD_INPUT
+    assert "  methods[0].params.candidates: -1 is not allowed: fsour.candidates must be a positive integer" in err
+
+
+def test_submit_to_an_unreachable_address_names_it(capsys):
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert "moesafe submit: error: cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
+
+
+def test_submit_needs_the_manifest_inside_the_project(capsys, tmp_path):
+    outside = tmp_path / "m.yaml"
+    shutil.copy(QUICKSTART, outside)
+    code, _, err = moesafe(capsys, "submit", str(outside), "--address", "http://127.0.0.1:9")
+    assert code == EXIT_BAD_INPUT and "is outside the project directory" in err
+
+
+SCRIPT = Path(sys.executable).parent / "moesafe"
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="console script not installed (pip install -e .)")
+def test_installed_console_script(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: 1\n")
+    done = subprocess.run([str(SCRIPT), "validate", str(bad)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == EXIT_BAD_INPUT and done.stdout == ""
+    assert "unknown key 'modle' at the top level (did you mean 'models'?)" in done.stderr
+    done = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "validate" in done.stdout and "submit" in done.stdout
+
+
+@pytest.mark.slow
+def test_sandbox_json(capsys, sandbox_dir, monkeypatch):
+    # sandbox_dir is <cache>/sandbox/<key>; the command finds the same cached model there
+    monkeypatch.setenv("MOESAFE_CACHE", str(sandbox_dir.parents[1]))
+    code, out, _ = moesafe(capsys, "sandbox", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["model_dir"] == str(sandbox_dir)
+    assert {"refusal_rate_harmful", "compliance_rate_benign", "train_seconds"} <= set(report)
+    assert 0 <= report["refusal_rate_harmful"] <= 1
