@@ -62,13 +62,18 @@ def tiny_tokenizer(vocab_size: int = 128):
                                    unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE)
 
 
-def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
-    """Build a random tiny model of `model_type`, save it with its tokenizer to `path`, return path."""
+def save_tiny_model(model_type: str, path, seed: int = 0, tokenizer=None, **overrides):
+    """Build a random tiny model of `model_type`, save it with a tokenizer to `path`, return path.
+
+    `tokenizer` (e.g. the sandbox's, to read real prompts) replaces the `w0 .. wN` one and sets
+    the vocabulary size."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if tokenizer is not None:
+        overrides["vocab_size"] = len(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     model.save_pretrained(path)
-    tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    (tokenizer or tiny_tokenizer(model.config.vocab_size)).save_pretrained(path)
     return path

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
-from core.chat import encode_chat, generate_batch
+from core.chat import encode_chat, generate_batch, generation_rows
 from core.fsour import draw_candidates
 from core.judges import Verdict
 from core.models import LoadedModel
@@ -207,7 +207,7 @@ def rosais_attack(lm: LoadedModel, prompts: Sequence[PromptLike], ranking: Seque
     best_masks = _best_masks(lm, prompts, ranking[:max(L_values, default=0)], score_rows)
     texts = [p.prompt for p in prompts]
     params_json = params.to_json()
-    attack_rows, generation_rows = [], []
+    attack_rows, generations = [], []
     for L in L_values:
         masked_layers = ranking[:L]
         answers = []
@@ -223,12 +223,9 @@ def rosais_attack(lm: LoadedModel, prompts: Sequence[PromptLike], ranking: Seque
                 "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": judge.name,
                 "scope": params.scope, "params": params_json,
             })
-            generation_rows.append({
-                "prompt_id": prompt.id, "dataset": prompt.dataset, "method": "rosais", "condition": f"L={L}",
-                "prompt": prompt.prompt, "answer": answer, "verdicts": [verdict],
-                "scope": params.scope if masked_layers else None,  # null when no mask was applied
-            })
-    return attack_rows, generation_rows
+        generations += generation_rows(prompts, answers, verdicts, "rosais", f"L={L}",
+                                       route if masked_layers else None, params_json)
+    return attack_rows, generations
 
 
 def asr_by_L(attack_rows: Iterable[Mapping[str, Any]]) -> dict[int, float]:

@@ -14,7 +14,8 @@ import torch
 from core.datasets import PromptRecord
 from core.judges import Verdict
 from core.models import LoadedModel
-from jobs.units import REFUSAL_REPLY, WorkUnit, _records, method_params
+from jobs.manifest import method_params
+from jobs.units import REFUSAL_REPLY, WorkUnit, _records
 
 Rows = dict[str, list[dict]]
 STORE_ANSWERS = ("full", "hash", "none")

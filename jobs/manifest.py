@@ -315,6 +315,11 @@ def _params_adapter(method: str) -> TypeAdapter:
     return TypeAdapter(_params_class(method))
 
 
+def method_params(method: str, params: dict[str, Any]) -> Any:
+    """The params dataclass of `method` from a validated manifest's `params` (defaults fill the rest)."""
+    return _params_adapter(method).validate_python(params)
+
+
 def _build_params(method: str, params: dict[str, Any]) -> Any:
     """`method`'s params dataclass built from `params`: types checked as pydantic does (lax: a
     YAML list fills a tuple field), then the dataclass's own checks. Errors name the key."""

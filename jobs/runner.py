@@ -17,11 +17,10 @@ from typing import Any, Iterator, Mapping
 import ray
 from tqdm import tqdm
 
-from core.datasets import PromptRecord, load_prompts
 from core.models import describe_model, resolve_model_path
 from core.store import ResultStore, model_slug
 from jobs.execute import execute_driver_unit
-from jobs.units import PLANS, PlanContext, WorkUnit, method_params
+from jobs.units import PLANS, PlanContext, WorkUnit
 
 UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
 MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
@@ -86,24 +85,15 @@ def connect_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
-def _dataset_prompts(spec) -> list[PromptRecord]:
-    return load_prompts(spec.source, split=spec.split, path=spec.path, columns=spec.columns, limit=spec.limit)
-
-
-def _judge_settings(spec) -> dict[str, Any]:
-    settings = spec.model_dump(exclude_none=True) if hasattr(spec, "model_dump") else dict(spec)
-    settings["name"] = settings.pop("type")
-    settings.pop("num_gpus", None)
-    return settings
-
-
 class Scheduler:
     def __init__(self, manifest, store: ResultStore, run_id: str, progress: bool = True):
         self.manifest, self.store, self.run_id = manifest, store, run_id
         self.done_before = store.done_units(run_id)
         self.summary = RunSummary(run_id, store.root)
         self.bar = tqdm(total=0, unit="unit", desc=run_id, disable=not progress, dynamic_ncols=True)
-        self.prompts = {name: _dataset_prompts(spec) for name, spec in manifest.datasets.items()}
+        # records carry the manifest's dataset name, so every table is keyed by what the user named
+        self.prompts = {name: [dataclasses.replace(p, dataset=name) for p in spec.load()]
+                        for name, spec in manifest.datasets.items()}
         self.judges = self._start_judges()
 
     # -- setup -------------------------------------------------------------------------------
@@ -111,12 +101,11 @@ class Scheduler:
         """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier)."""
         from actors.judge_worker import JudgeWorker
 
-        judges: dict[str, Any] = {"refusal": {"name": "refusal"}}
+        judges: dict[str, Any] = {}
         for name, spec in self.manifest.judges.items():
-            settings = _judge_settings(spec)
-            if settings["name"] == "classifier":
-                gpus = getattr(spec, "num_gpus", None)
-                gpus = gpus if gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
+            settings = {"name": spec.type, **spec.settings}
+            if spec.type == "classifier":  # a judge model: its own actor, on a GPU when the cluster has one
+                gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
                 judges[name] = JudgeWorker.options(num_gpus=gpus).remote(settings)
             else:
                 judges[name] = settings
@@ -132,15 +121,15 @@ class Scheduler:
         for m in self.manifest.methods:
             if m.models and entry.name not in m.models:
                 continue
-            params = method_params(m.method, m.params or {})
-            roles = dict(m.datasets) if m.datasets else {"dataset": m.dataset}
+            params = m.build_params()
+            roles = m.datasets.model_dump(exclude_none=True) if m.datasets else {"dataset": m.dataset}
             params_json = params.to_json()
 
             def read(table: str, params_json=params_json) -> list[dict]:
                 rows = self.store.read_table(table, run_id=self.run_id, model=slug).to_pylist()
                 return [r for r in rows if r.get("params") == params_json]
 
-            ctx = PlanContext(key, m.method, params, dataclasses.asdict(params), m.judge or "refusal",
+            ctx = PlanContext(key, m.method, params, dataclasses.asdict(params), m.judge,
                               {role: self.prompts[name] for role, name in roles.items()}, roles,
                               self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
                               shape.num_layers, read)

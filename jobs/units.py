@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -24,23 +23,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from core.datasets import PromptRecord
 
 REFUSAL_REPLY = "I'm sorry, but I cannot help with that."  # SteerMoE's refusal behaviour (paired with targets)
-
-
-# method -> its parameters dataclass, where every default lives (SPEC §2-§5)
-METHOD_PARAMS: dict[str, str] = {
-    "fsour": "core.fsour.FsourParams", "rosais": "core.rosais.RosaisParams",
-    "safex": "core.safex.SafexParams", "steermoe": "core.steermoe.SteerParams",
-}
-
-
-def params_class(method: str) -> type:
-    module, _, name = METHOD_PARAMS[method].rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def method_params(method: str, params: Mapping[str, Any]):
-    """The method's params dataclass from a manifest's `params` mapping (defaults fill the rest)."""
-    return params_class(method)(**params)
 
 
 @dataclass(frozen=True)
@@ -135,11 +117,10 @@ def plan_rosais(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     if not scores:
         return
     ranking = rank_layers(scores)
-    best = {}  # prompt id -> [(layer, experts)] used by the attack
+    best = {}  # prompt id -> its score rows, as much of them as the attack reads
     for r in scores:
         best.setdefault(r["prompt_id"], []).append(
-            {"prompt_id": r["prompt_id"], "layer": r["layer"], "score": r["score"],
-             "best_mask_experts": list(r["best_mask_experts"])})
+            {key: r[key] for key in ("dataset", "prompt_id", "layer", "score", "best_mask_experts")})
     units = []
     for chunk in chunks(prompts, ctx.prompts_per_unit):
         rows = [row for p in chunk for row in sorted(best.get(p.id, []), key=lambda row: row["layer"])]
@@ -150,13 +131,14 @@ def plan_rosais(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     yield [ctx.unit("rosais_metrics", on_driver=True, prompt_ids=[p.id for p in prompts])]
 
 
-SAFEX_GROUPS = ("regular", "jailbreak", "benign")
+SAFEX_GROUPS = ("regular", "jailbreak", "benign")  # benign is optional: counted, never validated
 
 
 def plan_safex(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     """Counts by (group x prompt chunk); bootstrap by (group x chunk of rounds); expert sets;
     validation by (group x condition x prompt chunk)."""
-    yield [u for g in SAFEX_GROUPS for u in ctx.prompt_units("safex_counts", ctx.prompts[g], group=g)]
+    yield [u for g in SAFEX_GROUPS if g in ctx.prompts
+           for u in ctx.prompt_units("safex_counts", ctx.prompts[g], group=g)]
     rounds = ctx.params.rounds
     yield [ctx.unit("safex_bootstrap", on_driver=True, group=g, first_round=r0,
                     rounds=min(ctx.rounds_per_unit, rounds - r0),

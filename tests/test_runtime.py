@@ -105,8 +105,11 @@ def test_resumed_run_skips_finished_units_and_adds_no_duplicates(ray_cluster, tm
     assert {t: _table_rows(out, t, "r1") for t in RESULT_TABLES} == before
 
 
-def test_two_models_in_one_sweep(ray_cluster, tmp_path):
-    tiny = save_tiny_model("qwen2_moe", tmp_path / "tiny_qwen")  # a second family, with a shared expert
+def test_two_models_in_one_sweep(ray_cluster, tmp_path, sandbox_dir):
+    from transformers import AutoTokenizer
+
+    # a second family, with a shared expert, reading the sandbox prompts with the sandbox's words
+    tiny = save_tiny_model("qwen2_moe", tmp_path / "tiny_qwen", tokenizer=AutoTokenizer.from_pretrained(sandbox_dir))
     models = SANDBOX_MODEL + f"\n  - {{name: tiny-qwen, path: {tiny}, dtype: float32}}"
     out = str(tmp_path / "out")
     summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False)

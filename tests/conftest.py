@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# One sandbox cache for the test process and every Ray worker it starts (they inherit the
+# environment): the git-ignored `.cache/moesafe` of the repository unless MOESAFE_CACHE is set.
+os.environ.setdefault("MOESAFE_CACHE", str(REPO_ROOT / ".cache" / "moesafe"))
+
+
+@pytest.fixture(scope="session")
+def sandbox_dir() -> Path:
+    """The sandbox model directory, built once (later sessions reuse the cache; its key changes
+    with the build config and SANDBOX_VERSION)."""
+    from core.sandbox import build_sandbox
+
+    return build_sandbox()
