@@ -21,7 +21,6 @@ layer index of each ordinal in `moe_layers`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -30,7 +29,7 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from core.chat import encode_chat, generate_greedy
+from core.chat import encode_chat, generation_rows, judged_answers
 from core.judges import Judge, Verdict
 from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope
@@ -288,25 +287,6 @@ def random_control(disabled: Mapping[int, Sequence[int]], num_experts: int, seed
         chosen = others[torch.randperm(len(others), generator=generator)[:len(blocked)]]
         control[layer] = sorted(chosen.tolist())
     return control
-
-
-def judged_answers(lm: LoadedModel, prompts: Sequence[PromptLike], route: Route | None, judge: Judge,
-                   max_new_tokens: int, batch_size: int) -> tuple[list[str], list[Verdict]]:
-    """Greedy answers under `route` (None: the unrouted model) and the judge's verdict on each."""
-    texts = [p.prompt for p in prompts]
-    with lm.control.apply(route) if route is not None else contextlib.nullcontext():
-        answers = generate_greedy(lm.model, lm.tokenizer, texts, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)
-    return answers, judge.judge(texts, answers)
-
-
-def generation_rows(prompts: Sequence[PromptLike], answers: Sequence[str], verdicts: Sequence[Verdict],
-                    method: str, condition: str, route: Route | None, params: str) -> list[dict]:
-    """Rows of `generations` (the runtime adds the answer hash and the store_answers policy)."""
-    scope = route.scope if route is not None else None
-    return [{"prompt_id": p.id, "dataset": p.dataset, "method": method, "condition": condition,
-             "prompt": p.prompt, "answer": answer, "verdicts": [verdict], "scope": scope, "params": params}
-            for p, answer, verdict in zip(prompts, answers, verdicts)]
 
 
 def safex_validation(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,

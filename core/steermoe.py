@@ -19,11 +19,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from core.chat import render_chat
+from core.chat import generation_rows, judged_answers, render_chat
 from core.judges import Judge
 from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope
-from core.safex import PromptLike, generation_rows, judged_answers
+from core.safex import PromptLike
 
 MODES: tuple[str, ...] = ("safe", "unsafe")
 
