@@ -274,7 +274,7 @@ def fsour_attack(lm: LoadedModel, item: PromptLike, judge, params: FsourParams =
 
     Returns (fsour_routes rows, generation rows, index of the row the serial loop reports)."""
     rows, gens = fsour_precheck(lm, [item], judge, params)
-    if not row["jailbroken"]:
+    if not rows[0]["jailbroken"]:
         for r in range(params.restarts):
             row, gen = fsour_restart(lm, item, r, judge, params)
             rows.append(row)

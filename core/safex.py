@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from core.chat import encode_chat, generation_rows, judged_answers
-from core.judges import Judge, Verdict
+from core.judges import Judge
 from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope
 

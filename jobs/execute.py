@@ -11,8 +11,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from core.datasets import PromptRecord
-from core.judges import Verdict
 from core.models import LoadedModel
 from jobs.manifest import method_params
 from jobs.units import REFUSAL_REPLY, WorkUnit, _records

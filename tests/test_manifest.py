@@ -222,7 +222,7 @@ def test_check_passes_a_good_manifest_and_starts_no_work(world, tmp_path, monkey
     monkeypatch.setenv("MOESAFE_CACHE", str(cache))
     text = GOOD.replace("{name: sandbox, path: sandbox, dtype: float32}",
                         f"{{name: sandbox, path: sandbox}}\n  - {{name: tiny, path: {world}/tiny-mixtral}}")
-    text += f"  - {{method: fsour, dataset: good}}\n"
+    text += "  - {method: fsour, dataset: good}\n"
     text = text.replace("datasets:\n", f"datasets:\n  good: {{source: {world}/good.csv, columns: {{prompt: goal}}}}\n", 1)
     assert checked(text, str(tmp_path / "out")) == []
     assert not cache.exists()  # the sandbox model was not built to check it
