@@ -185,6 +185,7 @@ class RouteControl:
         self._expand: tuple[int, int] | None = None  # (decoder index, rows)
         self._prompt_len: int | torch.Tensor | None = None  # explicit prompt boundary
         self._auto_prompt_len = 0  # the last prefill's length
+        self._ended: torch.Tensor | None = None  # (B,) rows whose generated tokens reached EOS
         self._fwd: _Forward | None = None
         self._handles = [model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)]
         for layer, block in zip(self.layers, blocks):
@@ -280,14 +281,30 @@ class RouteControl:
         device = ref.device
         valid = mask[:, -s:].bool() if mask is not None and mask.dim() == 2 else torch.ones(1, s, dtype=torch.bool, device=device)
         if start == 0:
-            self._auto_prompt_len = s
+            self._auto_prompt_len, self._ended = s, None
         bound = self._prompt_len if self._prompt_len is not None else self._auto_prompt_len
         positions = torch.arange(start, start + s, device=device)
         bound = torch.as_tensor(bound, device=device).reshape(-1, 1)  # (B|1, 1)
-        self._fwd = _Forward(start, s, valid, positions[None, :] < bound)
+        is_prompt = positions[None, :] < bound
+        if ids is not None:
+            valid = valid & ~self._after_eos(ids, is_prompt)
+        self._fwd = _Forward(start, s, valid, is_prompt)
         for rec in self._recordings:
             rec._add_tokens(self._fwd)
         return None
+
+    def _after_eos(self, ids: torch.Tensor, is_prompt: torch.Tensor) -> torch.Tensor:
+        """(B, S) generated positions holding a row's EOS or anything after it: `generate` keeps
+        feeding finished rows (padding, with attention mask 1), and those tokens are no answer."""
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        is_end = torch.isin(ids, torch.as_tensor(eos, device=ids.device).reshape(-1)) & ~is_prompt
+        ended = is_end.cumsum(dim=1) > 0
+        if self._ended is not None and self._ended.shape[0] == ids.shape[0]:
+            ended |= self._ended[:, None]
+        self._ended = ended[:, -1]
+        return ended & ~is_prompt
 
     def _expand_hook(self, decoder_index: int):
         def hook(module, args, kwargs):

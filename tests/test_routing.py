@@ -170,32 +170,64 @@ def test_scope_prompt_leaves_decode_untouched(tiny):
                        for lg, _, ind in decode), "scope all should change some decode step"
 
 
+def _counts_by_hand(tap: RouterTap, control, out, prompt_mask, eos):
+    """Counts from the routers' own outputs: real prompt tokens, and generated tokens before EOS."""
+    rows, prompt_len = prompt_mask.shape
+    expected = torch.zeros(rows, control.num_layers, 2, control.num_experts, dtype=torch.long)
+    for l, calls in tap.calls.items():
+        pos = 0
+        for _, _, indices in calls:
+            s = indices.shape[0] // rows
+            per_row = indices.view(rows, s, -1)
+            for row in range(rows):
+                for j in range(s):
+                    p = pos + j
+                    generated = p >= prompt_len
+                    if not generated and not prompt_mask[row, p]:
+                        continue  # padding
+                    if generated and eos in out[row, prompt_len: p + 1].tolist():
+                        continue  # EOS itself, and what generate feeds a finished row
+                    for e in per_row[row, j].tolist():
+                        expected[row, l, int(generated), e] += 1
+            pos += s
+    return expected
+
+
 def test_recorded_counts_match_router_outputs(tiny):
     family, _, loaded = tiny
     c = loaded.control
-    tok = loaded.tokenizer
-    batch = tok(["w1 w2 w3 w4 w5 w6", "w9 w8 w7"], return_tensors="pt", padding=True)  # left padded
+    batch = loaded.tokenizer(["w1 w2 w3 w4 w5 w6", "w9 w8 w7"], return_tensors="pt", padding=True)  # left padded
     tap = RouterTap(c)
     with torch.no_grad(), c.record() as rec:
         out = loaded.model.generate(**batch, max_new_tokens=4, do_sample=False)
     tap.close()
-    prompt_len = batch["input_ids"].shape[1]
-    full_mask = torch.cat([batch["attention_mask"], torch.ones(2, out.shape[1] - prompt_len, dtype=torch.long)], 1)
-    expected = torch.zeros(2, c.num_layers, 2, c.num_experts, dtype=torch.long)
-    for l, calls in tap.calls.items():
-        pos = 0
-        for _, _, indices in calls:
-            s = indices.shape[0] // 2
-            per_row = indices.view(2, s, -1)
-            for row in range(2):
-                for j in range(s):
-                    p = pos + j
-                    if full_mask[row, p]:
-                        for e in per_row[row, j].tolist():
-                            expected[row, l, int(p >= prompt_len), e] += 1
-            pos += s
+    expected = _counts_by_hand(tap, c, out, batch["attention_mask"], loaded.model.generation_config.eos_token_id)
     assert torch.equal(rec.counts(), expected)
     assert rec.tokens()[:, 0].tolist() == batch["attention_mask"].sum(1).tolist()
+
+
+def test_recording_stops_at_each_rows_eos(tiny):
+    family, _, loaded = tiny
+    c, model = loaded.control, loaded.model
+    batch = loaded.tokenizer(["w1 w2 w3 w4 w5 w6", "w9 w8 w7"], return_tensors="pt", padding=True)
+    prompt_len = batch["input_ids"].shape[1]
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        with torch.no_grad():
+            free = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        eos = int(free[0, prompt_len + 1])  # make row 0's second answer token its EOS
+        before_eos = int((free[0, prompt_len:] == eos).nonzero()[0])
+        model.generation_config.eos_token_id = eos
+        tap = RouterTap(c)
+        with torch.no_grad(), c.record() as rec:
+            out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        tap.close()
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert torch.equal(rec.counts(), _counts_by_hand(tap, c, out, batch["attention_mask"], eos))
+    generated_tokens_row0 = rec.counts()[0, 0, 1].sum() // c.top_k
+    assert generated_tokens_row0 == before_eos, "only the answer tokens before EOS count"
 
 
 def test_expand_at_reuses_prefix_and_matches_full_batch(tiny):
