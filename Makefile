@@ -22,7 +22,8 @@ test: setup
 	$(PY) -m pytest -q
 
 quickstart: setup
-	$(VENV)/bin/moesafe quickstart
+	$(VENV)/bin/moesafe sandbox
+	$(VENV)/bin/moesafe run manifests/quickstart.yaml --out results/quickstart
 
 bench: setup
 	$(PY) benchmarks/fsour_bench.py
