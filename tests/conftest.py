@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,42 @@ def sandbox_dir() -> Path:
     from core.sandbox import build_sandbox
 
     return build_sandbox()
+
+
+S3_ACCESS_KEY = "moesafe-test-access-key"
+S3_SECRET_KEY = "moesafe-test-secret-key"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto in server mode) on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, tmp_path):
+    """A fresh bucket's name; credentials and endpoint reach s3fs only through the standard
+    AWS environment chain."""
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+           # keep any real AWS config of this machine out of the test
+           "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an older endpoint
+    bucket = f"moesafe-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    yield bucket
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -137,47 +137,20 @@ def test_parquet_loader_with_column_mapping(tmp_path):
 
 # --- S3 on loopback -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_bucket(s3_server, monkeypatch):
-    """A bucket on the loopback server; credentials reach s3fs only through the environment."""
-    import boto3
+def test_s3_csv_and_parquet(s3_bucket, full_advbench, tmp_path):
     import s3fs
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep another endpoint
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="moesafe-prompts")
-    yield client
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-def test_s3_csv_and_parquet(s3_bucket, full_advbench, tmp_path):
-    s3_bucket.put_object(Bucket="moesafe-prompts", Key="advbench/harmful_behaviors.csv",
-                         Body=full_advbench.read_bytes())
+    fs = s3fs.S3FileSystem()
+    fs.pipe(f"{s3_bucket}/advbench/harmful_behaviors.csv", full_advbench.read_bytes())
     parquet = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), parquet)
-    s3_bucket.put_object(Bucket="moesafe-prompts", Key="sets/prompts.parquet",
-                         Body=parquet.read_bytes())
+    fs.pipe(f"{s3_bucket}/sets/prompts.parquet", parquet.read_bytes())
 
-    subset = load_prompts("advbench50", path="s3://moesafe-prompts/advbench/harmful_behaviors.csv")
+    subset = load_prompts("advbench50", path=f"s3://{s3_bucket}/advbench/harmful_behaviors.csv")
     assert [r.prompt for r in subset] == [f"goal {i}" for i in SPEC_ROWS]
-    assert load_prompts("s3://moesafe-prompts/sets/prompts.parquet", columns=MAPPING) == EXPECTED
-    with pytest.raises(DatasetError, match="s3://moesafe-prompts/sets/absent.jsonl: no such file"):
-        load_prompts("s3://moesafe-prompts/sets/absent.jsonl")
+    assert load_prompts(f"s3://{s3_bucket}/sets/prompts.parquet", columns=MAPPING) == EXPECTED
+    with pytest.raises(DatasetError, match=f"s3://{s3_bucket}/sets/absent.jsonl: no such file"):
+        load_prompts(f"s3://{s3_bucket}/sets/absent.jsonl")
 
 
 # --- sandbox --------------------------------------------------------------------------------------

@@ -293,3 +293,23 @@ def test_route_rejects_unknown_layer(tiny):
 def test_tiny_configs_keep_family_features():
     assert tiny_config("deepseek_v2").first_k_dense_replace == 1
     assert tiny_config("qwen2_moe").norm_topk_prob is False
+
+
+def test_model_loads_from_s3_once(tmp_path, s3_bucket, monkeypatch):
+    """An s3:// prefix is downloaded once into the cache, then loaded like a local directory."""
+    import s3fs
+
+    local = save_tiny_model("mixtral", tmp_path / "tiny")
+    fs = s3fs.S3FileSystem()
+    fs.put(str(local) + "/", f"{s3_bucket}/models/tiny/", recursive=True)
+    monkeypatch.setenv("MOESAFE_CACHE", str(tmp_path / "cache"))
+    prefix = f"s3://{s3_bucket}/models/tiny"
+    loaded = load_model(prefix, dtype="float64")
+    reference = load_model(str(local), dtype="float64")
+    ids = _ids(1, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference.model(ids).logits)
+    fs.rm(f"{s3_bucket}/models/tiny", recursive=True)  # a second load must not need S3
+    assert load_model(prefix, dtype="float64").control.num_layers == reference.control.num_layers
+    with pytest.raises(ModelLoadError, match="does not exist on S3"):
+        load_model(f"s3://{s3_bucket}/models/absent")

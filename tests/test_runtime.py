@@ -127,3 +127,20 @@ def test_store_answers_policy(ray_cluster, tmp_path, mode):
     gens = ResultStore(out).read_table("generations", run_id=f"sa-{mode}").to_pylist()
     assert gens and all(g["answer"] is None and g["store_answers"] == mode for g in gens)
     assert all((len(g["answer_sha256"]) == 64) == (mode == "hash") for g in gens)
+
+
+def test_models_that_do_not_fit_together_run_in_turn(ray_cluster, tmp_path, sandbox_dir):
+    """Each replica asks for both CPUs of the cluster: the second model starts after the first retires."""
+    from transformers import AutoTokenizer
+
+    tiny = save_tiny_model("olmoe", tmp_path / "tiny_olmoe", tokenizer=AutoTokenizer.from_pretrained(sandbox_dir))
+    models = (f"  - {{name: first, path: sandbox, dtype: float32, num_cpus: 2}}\n"
+              f"  - {{name: second, path: {tiny}, dtype: float32, num_cpus: 2}}")
+    out = str(tmp_path / "out")
+    assert run_manifest(_manifest(tmp_path, run_id="turns", models=models), out=out, progress=False).complete
+    spans = json.loads(run_query(
+        "select model, min(finished_at) as first_done, max(finished_at) as last_done from units "
+        "where run_id = 'turns' and kind not like '%metrics' and kind not in ('safex_bootstrap', 'safex_sets') "
+        "group by model order by first_done", out, "json"))
+    assert [s["model"] for s in spans] == ["first", "second"]
+    assert spans[0]["last_done"] < spans[1]["first_done"], "the models' actors must not have overlapped"

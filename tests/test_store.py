@@ -6,8 +6,6 @@ import hashlib
 import io
 import json
 import os
-import socket
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +17,7 @@ from core.judges import Verdict
 from core.query import connect, run_query
 from core.schemas import RESULT_TABLES, TABLES, SchemaError, TableSchema, build_table
 from core.store import ResultStore, StoreError, model_slug
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
 RUN = "run-1"
 MODEL = "Org/Model-A"
@@ -406,41 +405,6 @@ def test_unwritable_root_fails_at_construction_naming_it(tmp_path):
 
 # -- S3 --------------------------------------------------------------------------------------
 
-ACCESS_KEY = "moesafe-test-access-key"
-SECRET_KEY = "moesafe-test-secret-key"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_bucket(moto_endpoint, monkeypatch, tmp_path):
-    """A fresh bucket on the loopback S3 server, reached through the standard AWS env chain."""
-    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-           "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-           # keep any real AWS config of this machine out of the test
-           "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds")}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an older endpoint
-    bucket = f"moesafe-{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem().mkdir(bucket)
-    yield bucket
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
 def test_s3_round_trip_and_query(s3_bucket):
     root = f"s3://{s3_bucket}/nightly/results"
     store = ResultStore(root)
@@ -465,7 +429,7 @@ def test_s3_round_trip_and_query(s3_bucket):
     assert f"{s3_bucket}/nightly/results/fsour_routes/model={SLUG}/run={RUN}/u1.parquet" in keys
     for key in keys:  # credentials never reach the store
         data = fs.cat_file(key)
-        assert ACCESS_KEY.encode() not in data and SECRET_KEY.encode() not in data
+        assert S3_ACCESS_KEY.encode() not in data and S3_SECRET_KEY.encode() not in data
 
 
 def test_s3_root_without_bucket_fails_at_construction(s3_bucket):
