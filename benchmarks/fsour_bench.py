@@ -7,7 +7,7 @@ are identical.
 
     python benchmarks/fsour_bench.py                   # the sandbox model, float64 on CPU
     python benchmarks/fsour_bench.py --json
-    python benchmarks/fsour_bench.py --model /path/to/moe --dtype bfloat16 --prompts 1
+    python benchmarks/fsour_bench.py --model /path/to/moe --dtype bfloat16 --prompts 1 --threads 8
 """
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=2, help="held-out harmful sandbox prompts to attack")
     ap.add_argument("--candidates", type=int, default=100, help="N per coordinate (SPEC default 100)")
     ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads; tiny models run fastest on one (more oversubscribe a shared CPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     lm = load_model(args.model or str(build_sandbox()), dtype=args.dtype)
     items = prompt_sets("heldout")["regular"][: args.prompts]
     params = FsourParams(candidates=args.candidates, threshold=args.threshold)
