@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import time
 import sys
 from pathlib import Path
 from typing import Callable
@@ -169,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     from jobs.manifest import load_manifest
@@ -187,6 +189,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"them from here", file=sys.stderr)
     try:
         client = JobSubmissionClient(args.address)
+    except AuthenticationError:
+        raise CliError(_TOKEN_HELP.format(address=args.address)) from None
     except ConnectionError:
         raise CliError(f"cannot reach a Ray cluster's dashboard at {args.address}: is the cluster up and is that "
                        f"its head's dashboard address (http://HEAD:8265)? For a cluster started with "
@@ -194,13 +198,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
                        f"http://127.0.0.1:8265") from None
     entrypoint = shlex.join(["moesafe", "run", str(manifest_path.relative_to(PROJECT_ROOT)),
                              "--out", out, "--run-id", run_id])
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES})
+    for wait in (1, 2, 4, 8, 16, 0):  # a just-started head answers "no available agent" for a few seconds
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint,
+                                       runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES})
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or not wait:
+                raise CliError(f"the Ray cluster at {args.address} refused the job: {e}") from None
+            time.sleep(wait)
     print(job_id)
     print(f"run {run_id} submitted as job {job_id}\n"
           f"  follow:  ray job logs --follow --address {args.address} {job_id}\n"
           f"  results: moesafe status --out {shlex.quote(out)} --run-id {run_id}", file=sys.stderr)
     return 0
+
+
+# Ray 2.59+ clusters started with `ray start` require a token unless RAY_AUTH_MODE=disabled.
+_TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token, "
+               "with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

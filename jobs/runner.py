@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,15 +20,18 @@ from tqdm import tqdm
 
 from core.models import describe_model, resolve_model_path
 from core.store import ResultStore, model_slug
+from jobs.cli import CliError
 from jobs.execute import execute_driver_unit
 from jobs.units import PLANS, PlanContext, WorkUnit
 
 UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
 MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
+CONNECT_TIMEOUT_S = 10.0  # to reach a cluster's address: ray.init itself waits on one for minutes
 
 
-class RunError(RuntimeError):
-    pass
+class RunError(CliError, RuntimeError):
+    """The run cannot start or go on as asked (cluster, resources, run id): bad input, so
+    `moesafe run` reports it on one line and exits 2."""
 
 
 @dataclass
@@ -72,17 +76,36 @@ class _Model:
 
 
 def connect_ray(address: str | None) -> None:
-    """Join the cluster at `address`, or start a local one sized to this machine."""
+    """Join the cluster at `address` (default: RAY_ADDRESS, which Ray jobs set), or start a local
+    one sized to this machine."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RunError(f"cannot reach the Ray cluster at {address!r}: {e}. Start it (`ray start --head`) "
-                           "or leave out --address to run on a local cluster") from e
+            raise RunError(f"cannot reach the Ray cluster at {address or os.environ['RAY_ADDRESS']!r}: {e}. "
+                           "Start it (`ray start --head`) "
+                           "or leave out --address (and unset RAY_ADDRESS) to run on a local cluster") from e
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def _check_reachable(address: str) -> None:
+    """RunError naming `address` unless something accepts connections there ("auto" and other
+    addresses without a port are left to Ray, which resolves them)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal, [::1]:6379
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise RunError(f"cannot reach the Ray cluster at {address!r}: nothing answers at {host}:{port} "
+                       f"({e.strerror or type(e).__name__}). Start it (`ray start --head`), check the "
+                       "address, or leave out --address (and unset RAY_ADDRESS) to run on a local cluster") from None
 
 
 class Scheduler:
