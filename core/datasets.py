@@ -32,7 +32,6 @@ ADVBENCH50_ROWS: tuple[int, ...] = (
     110, 115, 124,
 )
 ADVBENCH_ROWS = 520
-HUB_PROBE_TIMEOUT_S = 5.0
 
 
 # A table is (column names, rows as dicts), whatever it was read from.
@@ -144,21 +143,17 @@ def _hub_or_path(hub: _HubDataset, split: str | None, path: str | None) -> tuple
 
 def _download(hub: _HubDataset, split: str | None) -> Table:
     import datasets
-    import requests
-    from huggingface_hub import constants
+
+    from core.hub import hub_offline, hub_unreachable
 
     optional = ", ".join(names[0] for field, names in hub.columns.items() if field != "prompt")
     advice = (f"download it elsewhere and set `path: /local/file.csv` (CSV, JSONL or Parquet "
               f"with a {hub.columns['prompt'][0]} column; {optional} used when present)")
-    offline = datasets.config.HF_HUB_OFFLINE
-    if not offline:
-        # Without this probe the hub client retries for ~25 s before giving up on a dead network.
-        try:
-            requests.head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-        except requests.RequestException:
-            raise DatasetError(f"cannot download {hub.repo} ({constants.ENDPOINT} unreachable: "
-                               f"no network?): {advice}; or set HF_HUB_OFFLINE=1 to use a copy "
-                               f"in the Hugging Face cache") from None
+    offline = datasets.config.HF_HUB_OFFLINE or hub_offline()
+    endpoint = hub_unreachable()
+    if endpoint:
+        raise DatasetError(f"cannot download {hub.repo} ({endpoint} unreachable: no network?): {advice}; "
+                           f"or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache")
     try:
         loaded = datasets.load_dataset(hub.repo, hub.config, split=hub.hub_split or split)
     except Exception as error:  # the hub client's errors share no base class worth naming

@@ -109,6 +109,14 @@ def _download_s3(prefix: str) -> Path:
 
 def load_config(path: str, trust_remote_code: bool = False):
     """The model's config, with a clear error for unreachable hubs and remote code."""
+    if not os.path.isdir(path):
+        from core.hub import hub_unreachable
+
+        endpoint = hub_unreachable()
+        if endpoint:
+            raise ModelLoadError(f"cannot fetch {path!r}: {endpoint} is unreachable (no network?): point `path` "
+                                 "at a local copy of the model directory, or an s3:// prefix; or set "
+                                 "HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:

@@ -277,7 +277,15 @@ def test_unsupported_family_is_named(tmp_path):
 def test_missing_path_and_offline_hub_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "nope"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import requests
+
+    def no_network(url, timeout):
+        raise requests.ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(requests, "head", no_network)  # fails at once, not after the hub client's retries
+    with pytest.raises(ModelLoadError, match="unreachable \\(no network\\?\\): point `path` at a local copy"):
+        load_model("some-org/some-moe-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: the cache only, and it has no copy
     with pytest.raises(ModelLoadError, match="no network.*point `path` at a local"):
         load_model("some-org/some-moe-model")
 
