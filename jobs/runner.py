@@ -169,7 +169,7 @@ class Scheduler:
         while waiting or active:
             while waiting and self._fits(waiting[0], active):
                 model = waiting.popleft()
-                self._start(model)
+                self._start(model, active)
                 active.append(model)
             if not active:
                 m = waiting[0]
@@ -188,27 +188,34 @@ class Scheduler:
         self.summary.seconds = time.perf_counter() - start
         return self.summary
 
-    def _fits(self, model: _Model, active: list[_Model]) -> bool:
+    @staticmethod
+    def _free(active: list[_Model]) -> tuple[float, float]:
+        """(GPUs, CPUs) of the cluster not held by the running models' actors."""
         total = ray.cluster_resources()
-        used_gpus = sum(m.need_gpus for m in active)
-        used_cpus = sum(m.need_cpus for m in active)
-        per_gpus, per_cpus = model.entry.num_gpus, model.entry.num_cpus
-        return (used_gpus + per_gpus <= total.get("GPU", 0) + 1e-9
-                and used_cpus + per_cpus <= total.get("CPU", 0) + 1e-9)
+        return (total.get("GPU", 0) - sum(m.need_gpus for m in active),
+                total.get("CPU", 0) - sum(m.need_cpus for m in active))
 
-    def _start(self, model: _Model) -> None:
-        """Create as many replicas as fit now (at least one)."""
+    def _fits(self, model: _Model, active: list[_Model]) -> bool:
+        """At least one replica fits beside the running models."""
+        gpus, cpus = self._free(active)
+        return model.entry.num_gpus <= gpus + 1e-9 and model.entry.num_cpus <= cpus + 1e-9
+
+    def _start(self, model: _Model, active: list[_Model]) -> None:
+        """Create as many of the model's replicas as fit now (at least one)."""
         from actors.model_worker import ModelWorker
 
-        total = ray.cluster_resources()
-        fit = model.entry.replicas
-        if model.entry.num_gpus:
-            fit = min(fit, int(total.get("GPU", 0) // model.entry.num_gpus))
-        fit = max(1, min(fit, int(total.get("CPU", 1) // max(model.entry.num_cpus, 1e-9))))
-        model.need_gpus, model.need_cpus = fit * model.entry.num_gpus, fit * model.entry.num_cpus
-        entry = model.entry.model_dump() if hasattr(model.entry, "model_dump") else dict(model.entry)
-        model.actors = [ModelWorker.options(num_gpus=model.entry.num_gpus, num_cpus=model.entry.num_cpus)
-                        .remote(entry, self.judges, self.store.root, self.run_id, self.manifest.store_answers)
+        gpus, cpus = self._free(active)
+        entry = model.entry
+        fit = entry.replicas
+        if entry.num_gpus:
+            fit = min(fit, int(gpus // entry.num_gpus + 1e-9))
+        if entry.num_cpus:
+            fit = min(fit, int(cpus // entry.num_cpus + 1e-9))
+        fit = max(1, fit)
+        model.need_gpus, model.need_cpus = fit * entry.num_gpus, fit * entry.num_cpus
+        model.actors = [ModelWorker.options(num_gpus=entry.num_gpus, num_cpus=entry.num_cpus)
+                        .remote(entry.model_dump(), self.judges, self.store.root, self.run_id,
+                                self.manifest.store_answers)
                         for _ in range(fit)]
 
     def _advance(self, model: _Model) -> None:
