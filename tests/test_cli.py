@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.families import FAMILIES
 from core.store import ResultStore
@@ -151,7 +152,10 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
 def test_run_refuses_a_bad_manifest_before_any_work(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=None))  # never called
     bad = tmp_path / "bad.yaml"
-    bad.write_text(QUICKSTART.read_text().replace("candidates: 16", "candidates: -1"))
+    manifest = yaml.safe_load(QUICKSTART.read_text())
+    assert manifest["methods"][0]["method"] == "fsour"
+    manifest["methods"][0]["params"]["candidates"] = -1
+    bad.write_text(yaml.safe_dump(manifest))
     code, _, err = moesafe(capsys, "run", str(bad), "--out", str(tmp_path / "out"))
     assert code == EXIT_BAD_INPUT
     assert "  methods[0].params.candidates: -1 is not allowed: fsour.candidates must be a positive integer" in err
