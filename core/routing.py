@@ -108,7 +108,7 @@ class _Forward:
 
     start: int  # absolute position of the first token (= KV cache length)
     length: int  # S
-    valid: torch.Tensor  # (B|1, S) bool: not padding
+    counted: torch.Tensor  # (B|1, S) bool: recorded (not padding, not after the row's EOS)
     is_prompt: torch.Tensor  # (B|1, S) bool
 
 
@@ -125,7 +125,7 @@ class RouteRecording:
         b, s, k = indices.shape  # indices: (B, S, k)
         phase = (~fwd.is_prompt).long().expand(b, s)  # 0 = prompt, 1 = generated
         slot = (phase[..., None] * self.num_experts + indices).reshape(b, s * k)
-        weight = fwd.valid.expand(b, s)[..., None].expand(b, s, k).reshape(b, s * k).long()
+        weight = fwd.counted.expand(b, s)[..., None].expand(b, s, k).reshape(b, s * k).long()
         counts = torch.zeros(b, 2 * self.num_experts, dtype=torch.long, device=indices.device)
         counts.scatter_add_(1, slot, weight)
         prev = self._counts[layer]
@@ -134,8 +134,8 @@ class RouteRecording:
             self._indices[layer].append(indices)
 
     def _add_tokens(self, fwd: _Forward) -> None:
-        valid = fwd.valid.long()
-        tokens = torch.stack([(valid * fwd.is_prompt).sum(1), (valid * ~fwd.is_prompt).sum(1)], dim=1)
+        counted = fwd.counted.long()
+        tokens = torch.stack([(counted * fwd.is_prompt).sum(1), (counted * ~fwd.is_prompt).sum(1)], dim=1)
         self._tokens = tokens if self._tokens is None else self._tokens + tokens
 
     def counts(self) -> torch.Tensor:
@@ -279,7 +279,7 @@ class RouteControl:
         start = past.get_seq_length() if past is not None else 0
         mask = kwargs.get("attention_mask")
         device = ref.device
-        valid = mask[:, -s:].bool() if mask is not None and mask.dim() == 2 else torch.ones(1, s, dtype=torch.bool, device=device)
+        counted = mask[:, -s:].bool() if mask is not None and mask.dim() == 2 else torch.ones(1, s, dtype=torch.bool, device=device)
         if start == 0:
             self._auto_prompt_len, self._ended = s, None
         bound = self._prompt_len if self._prompt_len is not None else self._auto_prompt_len
@@ -287,8 +287,8 @@ class RouteControl:
         bound = torch.as_tensor(bound, device=device).reshape(-1, 1)  # (B|1, 1)
         is_prompt = positions[None, :] < bound
         if ids is not None:
-            valid = valid & ~self._after_eos(ids, is_prompt)
-        self._fwd = _Forward(start, s, valid, is_prompt)
+            counted = counted & ~self._after_eos(ids, is_prompt)
+        self._fwd = _Forward(start, s, counted, is_prompt)
         for rec in self._recordings:
             rec._add_tokens(self._fwd)
         return None
@@ -344,7 +344,8 @@ class RouteControl:
             b, s = n // fwd.length, fwd.length
             z, steered, bias = logits.view(b, s, e), False, None
             for route in self._routes:
-                in_scope = fwd.valid & (fwd.is_prompt if route.scope == "prompt" else True)
+                # by position only: padding and post-EOS filler route as masked too (their outputs are unused)
+                in_scope = fwd.is_prompt if route.scope == "prompt" else torch.ones_like(fwd.is_prompt)
                 steer = self._terms(route.steer, layer, fwd, in_scope)
                 if steer is not None:
                     z, steered = _steer(z, steer), True
