@@ -86,11 +86,11 @@ def connect_ray(address: str | None) -> None:
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RunError(f"cannot reach the Ray cluster at {address or os.environ['RAY_ADDRESS']!r}: {e}. "
+            raise RunError(f"cannot reach the Ray cluster at {address!r}: {e}. "
                            "Start it (`ray start --head`) "
                            "or leave out --address (and unset RAY_ADDRESS) to run on a local cluster") from e
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    else:  # "local": a new instance even when another one runs on this machine (ray.init would join it)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
 def _check_reachable(address: str) -> None:
