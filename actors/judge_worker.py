@@ -8,7 +8,7 @@ import ray
 from core.judges import make_judge
 
 
-@ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=3)
+@ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=-1)  # why -1: see model_worker.py
 class JudgeWorker:
     """Resources per judge via `.options(num_gpus=...)`."""
 

@@ -5,6 +5,11 @@ units for that model, writing each unit's rows to the result store itself, so re
 storage and the driver only sees a small status. If the actor's process dies, Ray restarts it and
 re-runs the unit in flight (`max_restarts`, `max_task_retries`); a unit that raises is reported
 back and the scheduler decides whether to try it again.
+
+Task retries are unlimited and restarts bounded: while a lost node is being detected (seconds),
+its actor is "temporarily unavailable" and every retry fails at once, so a finite retry count is
+used up before the actor can restart elsewhere. A unit that kills its process every time still
+ends, when the restarts run out.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:2000]
 
 
-@ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=3, max_concurrency=1)
+@ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=-1, max_concurrency=1)
 class ModelWorker:
     """One model replica; resources are set per model with `.options(num_gpus=..., num_cpus=...)`."""
 

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
+from core.batching import split_on_oom
+
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Batched prompts need a pad token; chat models without one pad with EOS (masked out anyway)."""
@@ -59,17 +61,21 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     """Greedy answers to `prompts` (one user turn each), without the prompt and special tokens.
 
     Prompts are batched by length (longest first, so a batch that does not fit in memory fails
-    early) to keep padding small; answers come back in the order of `prompts`.
+    early) to keep padding small; a batch that runs out of memory is split (core.batching).
+    Answers come back in the order of `prompts`.
     """
     ensure_pad_token(tokenizer)
     texts = render_chat(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+
+    def answer(rows: Sequence[int]) -> list[tuple[int, str]]:
+        return list(zip(rows, generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)))
+
     answers: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        for row, answer in zip(rows, generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)):
-            answers[row] = answer
+    for batch in split_on_oom(answer, order, batch_size):
+        for row, text in batch:
+            answers[row] = text
     return answers
 
 

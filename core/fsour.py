@@ -23,6 +23,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from core.batching import split_on_oom
 from core.chat import encode_chat, generation_rows, judged_answers
 from core.models import LoadedModel
 from core.routing import Route, Scope, mask_allowing
@@ -151,17 +152,19 @@ class BatchedScorer(_Scorer):
         lm, p, t = self.lm, self.problem, self.t
         control = lm.control
         cand_masks = mask_allowing(cands.to(masks.device), control.num_experts)  # (N, E)
-        scores = []
-        for chunk in cand_masks.split(self.candidate_batch):
+
+        def score_chunk(chunk: torch.Tensor) -> torch.Tensor:
             n = chunk.shape[0]
             past = None if self.prefix is None else control.branch_cache(self.prefix, layer, n)
             route = self._route(masks, forced, layer, chunk, t)
             with control.prompt_length(p.prompt_len), control.apply(route), control.expand_at(layer, n):
                 logits = lm.model(p.full[:, t:], past_key_values=past, use_cache=past is not None,
                                   logits_to_keep=self.keep).logits  # (n, Y + 1, V)
-            scores.append(_joint_logprob(logits, p.target))
             self.forwards += 1
-        return torch.cat(scores)
+            return _joint_logprob(logits, p.target)
+
+        # candidate_batch bounds memory only: a chunk that does not fit is split and retried
+        return torch.cat(split_on_oom(score_chunk, cand_masks, self.candidate_batch))
 
 
 class SerialScorer(_Scorer):

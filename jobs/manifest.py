@@ -552,6 +552,9 @@ def _experts(config: dict[str, Any]) -> tuple[int, int]:
     if count is None or not config.get("num_experts_per_tok"):
         raise ModelLoadError(f"its config names no expert count ({', '.join(_EXPERT_COUNT_KEYS)}) or "
                              f"num_experts_per_tok")
+    if config["num_experts_per_tok"] > count:
+        raise ModelLoadError(f"its config routes each token to num_experts_per_tok={config['num_experts_per_tok']} "
+                             f"experts but has only {count}: top-k must not exceed the expert count")
     return count, config["num_experts_per_tok"]
 
 
