@@ -44,19 +44,27 @@ def s3_endpoint():
     server.stop()
 
 
+def aws_environment(endpoint: str, tmp_path) -> dict[str, str]:
+    """The standard AWS variables pointing at the loopback server, with this machine's own AWS
+    config, credentials and instance metadata kept out."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint, monkeypatch, tmp_path):
     """A fresh bucket's name; credentials and endpoint reach s3fs only through the standard
     AWS environment chain."""
     import s3fs
 
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-           "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-           # keep any real AWS config of this machine out of the test
-           "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds")}
-    for name, value in env.items():
+    for name, value in aws_environment(s3_endpoint, tmp_path).items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    for name in AWS_UNSET:
         monkeypatch.delenv(name, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an older endpoint
     bucket = f"moesafe-{uuid.uuid4().hex[:8]}"

@@ -17,19 +17,11 @@ from core.store import ResultStore, StoreError
 from jobs.cli import main
 from jobs.manifest import load_manifest
 from jobs.runner import run_manifest
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.conftest import AWS_UNSET, S3_ACCESS_KEY, S3_SECRET_KEY, aws_environment
 from tests.test_faults import MANIFEST, snapshot
 from tests.test_runtime import SANDBOX_MODEL
 
 RUN = "s3run"
-
-
-def aws_environment(endpoint: str, tmp_path) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-            # keep any real AWS config of this machine, and instance metadata, out of the test
-            "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds"),
-            "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +31,7 @@ def bucket(s3_endpoint, sandbox_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         for name, value in aws_environment(s3_endpoint, tmp_path_factory.mktemp("aws")).items():
             env.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        for name in AWS_UNSET:
             env.delenv(name, raising=False)
         s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an older endpoint
         name = f"moesafe-run-{uuid.uuid4().hex[:8]}"
