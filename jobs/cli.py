@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
-import time
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
-# Left out of the working directory uploaded with a submitted job: environments, history, caches.
-SUBMIT_EXCLUDES = [".venv", ".git", "results", ".cache"]
+# What a submitted job carries: the project's code, and the manifest under this name (with its
+# local datasets beside it) as its working directory.
+CODE_PACKAGES = ("core", "actors", "jobs")
+SUBMITTED_MANIFEST = "manifest.yaml"
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
 
@@ -175,10 +182,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from jobs.manifest import load_manifest
 
-    manifest_path = Path(args.manifest).resolve()
-    if not manifest_path.is_relative_to(PROJECT_ROOT):
-        raise CliError(f"manifest {args.manifest} is outside the project directory {PROJECT_ROOT}, which is what "
-                       f"the job uploads: copy it under {PROJECT_ROOT / 'manifests'}")
+    manifest_path = Path(args.manifest)
     # Only the schema here: models, datasets and the result root are checked on the cluster,
     # where the job runs and where they must be reachable.
     manifest = load_manifest(manifest_path)
@@ -187,26 +191,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not out.startswith("s3://"):
         print(f"note: results go to {out!r} on the cluster's head node; pass --out s3://bucket/prefix to query "
               f"them from here", file=sys.stderr)
-    try:
-        client = JobSubmissionClient(args.address)
-    except AuthenticationError:
-        raise CliError(_TOKEN_HELP.format(address=args.address)) from None
-    except ConnectionError:
-        raise CliError(f"cannot reach a Ray cluster's dashboard at {args.address}: is the cluster up and is that "
-                       f"its head's dashboard address (http://HEAD:8265)? For a cluster started with "
-                       f"`ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to "
-                       f"http://127.0.0.1:8265") from None
-    entrypoint = shlex.join(["moesafe", "run", str(manifest_path.relative_to(PROJECT_ROOT)),
-                             "--out", out, "--run-id", run_id])
-    for wait in (1, 2, 4, 8, 16, 0):  # a just-started head answers "no available agent" for a few seconds
+    entrypoint = shlex.join(["moesafe", "run", SUBMITTED_MANIFEST, "--out", out, "--run-id", run_id])
+    with tempfile.TemporaryDirectory(prefix="moesafe-submit-") as staging:
+        _stage_manifest(manifest_path, Path(staging))
+        _use_ray_auth_token()
         try:
-            job_id = client.submit_job(entrypoint=entrypoint,
-                                       runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES})
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or not wait:
-                raise CliError(f"the Ray cluster at {args.address} refused the job: {e}") from None
-            time.sleep(wait)
+            client = JobSubmissionClient(args.address)
+        except AuthenticationError:
+            raise CliError(_TOKEN_HELP.format(address=args.address)) from None
+        except ConnectionError:
+            raise CliError(f"cannot reach a Ray cluster's dashboard at {args.address}: is the cluster up and is "
+                           f"that its head's dashboard address (http://HEAD:8265)? For a cluster started with "
+                           f"`ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to "
+                           f"http://127.0.0.1:8265") from None
+        # The job's working directory holds the manifest and its local datasets; the project's code
+        # travels as modules, so the cluster runs this checkout's code.
+        runtime_env = {"working_dir": staging, "py_modules": [str(PROJECT_ROOT / name) for name in CODE_PACKAGES],
+                       "excludes": ["__pycache__"]}
+        for wait in (1, 2, 4, 8, 16, 0):  # a just-started head answers "no available agent" for a few seconds
+            try:
+                job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or not wait:
+                    raise CliError(f"the Ray cluster at {args.address} refused the job: {e}") from None
+                time.sleep(wait)
     print(job_id)
     print(f"run {run_id} submitted as job {job_id}\n"
           f"  follow:  ray job logs --follow --address {args.address} {job_id}\n"
@@ -214,19 +223,67 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-# Ray 2.59+ clusters started with `ray start` require a token unless RAY_AUTH_MODE=disabled.
-_TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token, "
-               "with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+def _stage_manifest(manifest_path: Path, staging: Path) -> None:
+    """Write the manifest into `staging` as SUBMITTED_MANIFEST, with each dataset file it names by
+    local path (`source: ./x.csv`, or `path:` for a local copy of a named dataset) copied under
+    `staging/datasets/` and the manifest pointed at the copy. Relative paths are read from the
+    current directory, as `moesafe run` reads them."""
+    from core.datasets import DATASETS
+
+    manifest = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
+    for name, dataset in (manifest.get("datasets") or {}).items():
+        for key in ("source", "path"):
+            value = dataset.get(key)
+            if not isinstance(value, str) or value in DATASETS or "://" in value:
+                continue  # a named dataset or a URL: the cluster reads it itself
+            local = Path(value).expanduser()
+            if not local.is_file():
+                raise CliError(f"datasets.{name}.{key}: {value!r} is not a file here (paths are read from the "
+                               f"current directory, {Path.cwd()}); submit ships local dataset files with the job")
+            # the file's own name: a file's stem names its dataset in the result rows
+            copy = Path("datasets") / name / key / local.name
+            (staging / copy).parent.mkdir(parents=True)
+            shutil.copyfile(local, staging / copy)
+            dataset[key] = copy.as_posix()
+    (staging / SUBMITTED_MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True),
+                                             encoding="utf-8")
+
+
+def _use_ray_auth_token() -> None:
+    """Send the Ray token when one exists where Ray keeps it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token), as `ray job` does, unless RAY_AUTH_MODE says otherwise; quietly."""
+    import logging
+
+    try:
+        from ray._private.authentication import authentication_token_setup as token_setup
+    except ImportError:  # a Ray without token authentication
+        return
+    logger = logging.getLogger(token_setup.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is not news here
+    try:
+        token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        logger.setLevel(level)
+
+
+# Clusters started with `ray start` (Ray 2.59+) require a token unless RAY_AUTH_MODE=disabled.
+_TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token, and the one found here was "
+               "refused or there is none: put the cluster's token (`ray get-auth-token` on the head prints it) in "
+               "~/.ray/auth_token or RAY_AUTH_TOKEN")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from core.query import run_query
-    from core.store import ResultStore
 
-    store = ResultStore(args.out, read_only=True)
-    if not store.has_files("runs"):
-        raise CliError(f"no runs under {store.root}: pass the result root of a run with --out")
-    where = f"where r.run_id = '{_checked_run_id(args.run_id)}'" if args.run_id else ""
+    store = _result_root(args.out)
+    if args.run_id:
+        _checked_run_id(args.run_id)
+        if not store.read_table("runs", run_id=args.run_id).num_rows:
+            known = sorted(set(store.read_table("runs")["run_id"].to_pylist()))
+            raise CliError(f"no run {args.run_id!r} under {store.root}; its runs: {', '.join(known)}. "
+                           f"Fix: pass one of them to --run-id, or the result root that run wrote with --out")
+    where = f"where r.run_id = '{args.run_id}'" if args.run_id else ""
     print(run_query(
         "select r.run_id, r.status, r.started_at, r.ended_at, "
         "count(u.unit_id) filter (where u.status = 'ok') as units_ok, "
@@ -245,6 +302,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_root(out: str):
+    """The store at `out`, read-only; CliError when no run ever wrote there (a mistyped --out would
+    otherwise answer with empty tables)."""
+    from core.store import ResultStore
+
+    store = ResultStore(out, read_only=True)
+    if not store.has_files("runs"):
+        missing = "does not exist" if store.is_local and not os.path.isdir(store.root) else "holds no runs"
+        raise CliError(f"result root {store.root} {missing}. Fix: pass the --out a run wrote to "
+                       f"(`moesafe run MANIFEST --out ROOT`; `make quickstart` writes to {DEFAULT_OUT})")
+    return store
+
+
 def _checked_run_id(run_id: str) -> str:
     """`run_id` if it is a valid run id, which also makes it safe to quote into SQL."""
     from core.store import _check_id
@@ -259,7 +329,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from core.query import run_query
 
     try:
-        result = run_query(args.sql, args.out, args.format)
+        result = run_query(args.sql, _result_root(args.out).root, args.format)
     except duckdb.Error as error:
         raise CliError(f"{type(error).__name__}: {' '.join(str(error).split())}") from None
     if result:  # CSV ends in a newline already; a statement without rows prints nothing

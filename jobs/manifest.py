@@ -150,6 +150,18 @@ class DatasetSpec(_Section):
     limit: PositiveInt | None = None
     sandbox_split: Literal["heldout", "train"] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _source_given(cls, data: Any) -> Any:
+        # A bare `path:` is the likeliest slip (a local copy of a named dataset): say both forms.
+        if isinstance(data, dict) and "source" not in data:
+            named = ", ".join(d for d in DATASETS if d != "sandbox")
+            raise _problem(f"required, but missing. Either name a dataset, `source: jbb` ({named} or sandbox), "
+                           f"with `path: /local/copy.csv` for a local copy of it; or give your own file as "
+                           f"`source: ./prompts.csv` ({', '.join(FILE_TYPES)})",
+                           at=".source")
+        return data
+
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:

@@ -120,12 +120,24 @@ def test_status_shows_runs_units_and_failures(capsys, store_root):
 
 
 def test_status_of_one_run_and_of_nothing(capsys, store_root, tmp_path):
-    code, out, _ = moesafe(capsys, "status", "--out", store_root, "--run-id", "other-run")
-    assert code == 0 and "(0 rows)" in out and "failed units" not in out
+    code, out, _ = moesafe(capsys, "status", "--out", store_root, "--run-id", RUN)
+    assert code == 0 and out.splitlines()[2].split()[0] == RUN and "(1 row)" in out
+    code, out, err = moesafe(capsys, "status", "--out", store_root, "--run-id", "other-run")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert err.startswith(f"moesafe status: error: no run 'other-run' under {store_root}; its runs: {RUN}. Fix: ")
     code, _, err = moesafe(capsys, "status", "--out", store_root, "--run-id", "x'; drop")
     assert code == EXIT_BAD_INPUT and err.startswith("moesafe status: error: --run-id \"x'; drop\" cannot name a file")
-    code, _, err = moesafe(capsys, "status", "--out", str(tmp_path / "empty"))
-    assert code == EXIT_BAD_INPUT and "no runs under" in err
+
+
+@pytest.mark.parametrize("command", [["status"], ["query", "select * from metrics"]])
+def test_a_result_root_without_runs_is_an_error_not_an_empty_answer(capsys, tmp_path, command):
+    missing = tmp_path / "reslts"
+    code, out, err = moesafe(capsys, *command, "--out", str(missing))
+    assert (code, out) == (EXIT_BAD_INPUT, "") and not missing.exists()  # a refused command writes nothing
+    assert err.startswith(f"moesafe {command[0]}: error: result root {missing} does not exist. Fix: pass the --out")
+    (tmp_path / "empty").mkdir()
+    code, out, err = moesafe(capsys, *command, "--out", str(tmp_path / "empty"))
+    assert (code, out) == (EXIT_BAD_INPUT, "") and f"result root {tmp_path / 'empty'} holds no runs" in err
 
 
 @pytest.mark.parametrize("failed", [0, 1])
@@ -167,11 +179,15 @@ def test_submit_to_an_unreachable_address_names_it(capsys):
     assert "moesafe submit: error: cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
 
-def test_submit_needs_the_manifest_inside_the_project(capsys, tmp_path):
-    outside = tmp_path / "m.yaml"
-    shutil.copy(QUICKSTART, outside)
-    code, _, err = moesafe(capsys, "submit", str(outside), "--address", "http://127.0.0.1:9")
-    assert code == EXIT_BAD_INPUT and "is outside the project directory" in err
+def test_submit_names_a_dataset_file_it_cannot_ship(capsys, tmp_path, monkeypatch):
+    manifest = yaml.safe_load(QUICKSTART.read_text())
+    manifest["datasets"]["harmful"] = {"source": "prompts/missing.csv"}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = moesafe(capsys, "submit", "m.yaml", "--address", "http://127.0.0.1:9")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert (f"moesafe submit: error: datasets.harmful.source: 'prompts/missing.csv' is not a file here (paths are "
+            f"read from the current directory, {tmp_path})") in err
 
 
 SCRIPT = Path(sys.executable).parent / "moesafe"
