@@ -31,13 +31,18 @@ from core.routing import Route, Scope, mask_allowing
 
 @dataclass(frozen=True)
 class FsourParams:
-    candidates: int = 100  # N per coordinate
-    restarts: int = 5  # R
-    threshold: float = 0.8  # stop once Pr(target) >= threshold
-    seed: int = 42  # restart r draws from seed + r
-    max_new_tokens: int = 512
-    scope: Scope = "prompt"
-    candidate_batch: int = 128  # rows per forward: split only to fit memory
+    """SPEC §3 defaults. Each field's `help` is what `moesafe params fsour` prints."""
+
+    candidates: int = field(default=100, metadata={"help": "N: random expert sets tried at each (token, layer)"})
+    restarts: int = field(default=5, metadata={
+        "help": "R: independent searches per prompt; the first jailbroken one wins"})
+    threshold: float = field(default=0.8, metadata={"help": "stop a search once Pr(target reply) reaches this"})
+    seed: int = field(default=42, metadata={"help": "restart r draws its candidates from seed + r"})
+    max_new_tokens: int = field(default=512, metadata={"help": "length of the judged answer"})
+    scope: Scope = field(default="prompt", metadata={
+        "help": "prompt: the route applies to prompt tokens; all: also while answering"})
+    candidate_batch: int = field(default=128, metadata={
+        "help": "candidates per forward; lower it only to fit memory (same results)"})
 
     def __post_init__(self):
         for name in ("candidates", "restarts", "candidate_batch", "max_new_tokens"):

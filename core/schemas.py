@@ -136,11 +136,12 @@ _ALL = [
         _col("moe_layers", _INTS),                # model layer index of each counts row
         _col("counts", _INTS),                    # C_i flattened row-major, shape (n_layers, n_experts)
     ], masked=False),
-    _method_table("safex_experts", 1, "SAFEx expert sets and selection frequencies (SPEC §4)", [
+    # v2: an empty set is one row with layer and expert null (v1 wrote no row for it)
+    _method_table("safex_experts", 2, "SAFEx expert sets and selection frequencies (SPEC §4)", [
         _col("expert_set", pa.string()),          # E_top_regular / E_top_jailbreak / HCDG / HRCG
         _col("phase", pa.string()),
-        _col("layer", pa.int32()),
-        _col("expert", pa.int32()),
+        _col("layer", pa.int32(), nullable=True),
+        _col("expert", pa.int32(), nullable=True),
         _col("frequency", pa.float64(), nullable=True),  # share of the S rounds selecting it
     ], masked=False),
     _method_table("safex_rounds", 1, "SAFEx bootstrap: rounds selecting each expert, per chunk of rounds", [

@@ -42,6 +42,7 @@ class CliError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_libraries(loads_models=args.loads_models)
     from core.store import StoreError
     from jobs.manifest import ManifestError
 
@@ -58,13 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_INPUT
 
 
+def _quiet_libraries(loads_models: bool) -> None:
+    """Silence what libraries print that a moesafe user cannot act on: Ray's notice that it turned on
+    token authentication for a local cluster (it writes ~/.ray/auth_token itself), and
+    transformers' bars for loading and saving the small local models (hub download bars stay)."""
+    import logging
+
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if loads_models:  # only these commands import transformers anyway; it is slow to import
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moesafe", description="Find where the safety of MoE LLMs lives.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(command=run, name=name)
+        sub.set_defaults(command=run, name=name, loads_models=name in ("sandbox", "validate", "run"))
         return sub
 
     def manifest_args(sub: argparse.ArgumentParser) -> None:
@@ -79,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
 
     command("models", cmd_models, "list the supported MoE families")
+
+    sub = command("params", cmd_params, "each method's parameters (a manifest's `params:`), defaults and meaning")
+    sub.add_argument("method", nargs="?", help="fsour, rosais, safex or steermoe (default: all)")
+    sub.add_argument("--markdown", action="store_true", help="as Markdown tables (docs/METHODS.md holds these)")
 
     manifest_args(command("validate", cmd_validate, "check a manifest and what it points at, running nothing"))
 
@@ -138,6 +156,53 @@ def _selection_rule(select: Callable, model_types: set[str]) -> str:
     families, colon, rule = summary.partition(": ")
     listed = {name.strip() for name in families.split(",")}
     return rule if colon and listed <= model_types else summary
+
+
+def method_params_classes() -> dict[str, type]:
+    """method -> its params dataclass: the one place the CLI looks them up."""
+    from jobs.manifest import METHOD_PARAMS, _params_class
+
+    return {method: _params_class(method) for method in METHOD_PARAMS}
+
+
+def params_table(method: str, markdown: bool = False) -> str:
+    """`method`'s parameters (name, type, default, help) from its params dataclass, as aligned text
+    or as a Markdown table. Defaults are shown as a manifest would write them (JSON is YAML)."""
+    import dataclasses
+    import typing
+
+    cls = method_params_classes()[method]
+    hints = typing.get_type_hints(cls)
+    rows = [("parameter", "type", "default", "meaning")]
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if typing.get_origin(hint) is typing.Literal:
+            kind = " | ".join(map(str, typing.get_args(hint)))
+        else:
+            kind = str(field.type)
+        default = field.default
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        rows.append((field.name, kind, shown, field.metadata.get("help", "")))
+    if markdown:
+        escaped = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+        lines = [f"| `{n}` | {t} | `{d}` | {h} |" for n, t, d, h in escaped[1:]]
+        return "\n".join(["| parameter | type | default | meaning |", "|---|---|---|---|", *lines])
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3]
+                     for row in rows).rstrip()
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    classes = method_params_classes()
+    if args.method and args.method not in classes:
+        raise CliError(f"unknown method {args.method!r}; the methods: {', '.join(classes)}")
+    for i, method in enumerate([args.method] if args.method else classes):
+        title = f"{method} ({classes[method].__name__}): methods[].params in a manifest"
+        print(("\n" if i else "") + (f"### {title}\n" if args.markdown else f"{title}\n"))
+        print(params_table(method, args.markdown))
+    if not args.markdown:
+        print("\nWhat each method computes and what its tables mean: docs/METHODS.md")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

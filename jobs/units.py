@@ -149,7 +149,7 @@ def plan_safex(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
 
     hrcg: dict[int, list[int]] = {}
     for r in ctx.read("safex_experts"):
-        if r["expert_set"] == "HRCG":
+        if r["expert_set"] == "HRCG" and r["expert"] is not None:  # null: HRCG is empty
             hrcg.setdefault(r["layer"], []).append(r["expert"])
     hrcg = {layer: sorted(experts) for layer, experts in sorted(hrcg.items())}
     num_experts = ctx.model_key["num_experts"]

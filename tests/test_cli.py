@@ -205,6 +205,36 @@ def test_installed_console_script(tmp_path):
     assert done.returncode == 0 and "validate" in done.stdout and "submit" in done.stdout
 
 
+@pytest.mark.skipif(not SCRIPT.exists(), reason="console script not installed (pip install -e .)")
+def test_sandbox_json_prints_only_json_and_no_library_noise(sandbox_dir):
+    # sandbox_dir is <cache>/sandbox/<key>: the command reuses it and loads it to evaluate
+    done = subprocess.run([str(SCRIPT), "sandbox", "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                               "MOESAFE_CACHE": str(sandbox_dir.parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["model_dir"] == str(sandbox_dir)  # stdout is one JSON object, nothing else
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr
+
+
+def test_params_prints_each_field_of_the_params_dataclass_with_its_default(capsys):
+    import dataclasses
+
+    from core.fsour import FsourParams
+
+    code, out, err = moesafe(capsys, "params", "fsour")
+    assert (code, err) == (0, "")
+    header = out.splitlines()[2]
+    start = header.index("default")
+    shown = {line.split()[0]: line[start:].split()[0] for line in out.splitlines()[3:] if line[:1].isalpha()
+             and not line.startswith("What")}
+    assert shown == {f.name: json.dumps(f.default) for f in dataclasses.fields(FsourParams)}
+    assert "N: random expert sets tried at each (token, layer)" in out
+    code, out, _ = moesafe(capsys, "params")
+    assert code == 0 and all(f"{m} (" in out for m in ("fsour", "rosais", "safex", "steermoe"))
+    code, out, err = moesafe(capsys, "params", "fsur")
+    assert (code, out) == (EXIT_BAD_INPUT, "") and "unknown method 'fsur'; the methods: fsour, rosais" in err
+
+
 @pytest.mark.slow
 def test_sandbox_json(capsys, sandbox_dir, monkeypatch):
     # sandbox_dir is <cache>/sandbox/<key>; the command finds the same cached model there
