@@ -106,7 +106,7 @@ _ALL = [
         _col("finished_at", _TS),
         _SCHEMA_VERSION,
     ]),
-    _method_table("rosais_scores", 1, "RoSais per prompt x MoE layer (SPEC §2)", [
+    _method_table("rosais_scores", 1, "RoSais per prompt x MoE layer", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),
@@ -116,7 +116,7 @@ _ALL = [
         _col("s1", pa.int32()),
         _col("seed", pa.int64()),
     ], masked=True),
-    _method_table("rosais_attack", 1, "RoSais attack per prompt x L routers masked (SPEC §2)", [
+    _method_table("rosais_attack", 1, "RoSais attack per prompt x L routers masked", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("L", pa.int32()),
@@ -125,7 +125,7 @@ _ALL = [
         _col("score", pa.float64(), nullable=True),
         _col("judge", pa.string()),               # the judge deciding `jailbroken`; all verdicts: generations
     ], masked=True),
-    _method_table("safex_counts", 1, "SAFEx expert counts C_i per prompt (SPEC §4)", [
+    _method_table("safex_counts", 1, "SAFEx expert counts C_i per prompt", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("group", pa.string()),               # regular / jailbreak / benign
@@ -137,7 +137,7 @@ _ALL = [
         _col("counts", _INTS),                    # C_i flattened row-major, shape (n_layers, n_experts)
     ], masked=False),
     # v2: an empty set is one row with layer and expert null (v1 wrote no row for it)
-    _method_table("safex_experts", 2, "SAFEx expert sets and selection frequencies (SPEC §4)", [
+    _method_table("safex_experts", 2, "SAFEx expert sets and selection frequencies", [
         _col("expert_set", pa.string()),          # E_top_regular / E_top_jailbreak / HCDG / HRCG
         _col("phase", pa.string()),
         _col("layer", pa.int32(), nullable=True),
@@ -153,7 +153,7 @@ _ALL = [
         _col("expert", pa.int32()),
         _col("selected_rounds", pa.int32()),      # rounds whose Top-N held the expert
     ], masked=False),
-    _method_table("safex_validation", 1, "SAFEx refusal per prompt before/after disabling (SPEC §4)", [
+    _method_table("safex_validation", 1, "SAFEx refusal per prompt before/after disabling", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("group", pa.string()),
@@ -162,7 +162,7 @@ _ALL = [
         _col("judge", pa.string()),
         _col("n_disabled", pa.int32()),
     ], masked=True),
-    _method_table("fsour_routes", 1, "F-SOUR one row per prompt x restart (SPEC §3)", [
+    _method_table("fsour_routes", 1, "F-SOUR one row per prompt x restart", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("restart", pa.int32()),              # 0..R-1; -1 = the unrouted pre-check (iterations = 0)
@@ -175,7 +175,7 @@ _ALL = [
         _col("score", pa.float64(), nullable=True),
         _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
     ], masked=True),
-    _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking (SPEC §5)", [
+    _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking", [
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),
         _col("expert", pa.int32()),
@@ -184,7 +184,7 @@ _ALL = [
         _col("delta", pa.float64()),              # p1 - p2
         _col("rank", pa.int32()),                 # by |delta|, 0 = largest
     ], masked=False),
-    _method_table("generations", 1, "every generated answer and its verdicts (SPEC §6)", [
+    _method_table("generations", 1, "every generated answer and its verdicts", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("method", pa.string()),

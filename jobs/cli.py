@@ -117,10 +117,24 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-id", help="only this run")
 
     sub = command("query", cmd_query, "SQL over the result tables (DuckDB; one view per table)")
-    sub.add_argument("sql")
+    sub.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub.epilog = _query_tables_help()
+    sub.add_argument("sql", help="one DuckDB SQL statement over the tables below, e.g. "
+                                 "\"select method, metric, value, n from metrics\"")
     out_arg(sub)
-    sub.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    sub.add_argument("--format", default="table", choices=("table", "csv", "json"),
+                     help="table (the default) cuts cells longer than 60 characters with '…'; "
+                          "csv and json print every value whole")
     return parser
+
+
+def _query_tables_help() -> str:
+    from core.schemas import TABLES
+
+    width = max(map(len, TABLES))
+    lines = [f"  {name:<{width}}  {table.description}" for name, table in TABLES.items()]
+    return ("tables (each a view of its own name; columns: `describe metrics`, meanings: docs/METHODS.md):\n"
+            + "\n".join(lines))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -399,6 +413,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise CliError(f"{type(error).__name__}: {' '.join(str(error).split())}") from None
     if result:  # CSV ends in a newline already; a statement without rows prints nothing
         print(result, end="" if result.endswith("\n") else "\n")
+    if args.format == "table" and "…" in result:
+        print("note: cells ending in '…' are cut; --format json or --format csv prints them whole",
+              file=sys.stderr)
     return 0
 
 

@@ -103,6 +103,26 @@ def test_query_formats(capsys, store_root, fmt):
         assert lines[2].split() == ["sandbox", "asr", "0.75", "8"] and lines[-1] == "(2 rows)"
 
 
+def test_query_help_describes_the_sql_and_lists_every_table(capsys):
+    from core.schemas import TABLES
+
+    with pytest.raises(SystemExit):
+        main(["query", "--help"])
+    out = capsys.readouterr().out
+    assert "one DuckDB SQL statement over the tables below" in out
+    listed = [line.split()[0] for line in out.split("tables (each a view of its own name")[1].splitlines()[1:]]
+    assert listed == list(TABLES)
+
+
+def test_query_table_says_how_to_see_cut_cells_whole(capsys, store_root):
+    long = "x" * 80
+    code, out, err = moesafe(capsys, "query", f"select '{long}' as route", "--out", store_root)
+    assert code == 0 and long not in out and "…" in out
+    assert err == "note: cells ending in '…' are cut; --format json or --format csv prints them whole\n"
+    code, out, err = moesafe(capsys, "query", f"select '{long}' as route", "--out", store_root, "--format", "json")
+    assert (code, err, json.loads(out)) == (0, "", [{"route": long}])
+
+
 def test_query_with_bad_sql_is_one_line_and_exits_2(capsys, store_root):
     code, out, err = moesafe(capsys, "query", "select nope from metrics", "--out", store_root)
     assert (code, out) == (EXIT_BAD_INPUT, "")
