@@ -148,8 +148,10 @@ def expert_set(root: str, where: str, name: str) -> str:
                  f"order by layer, expert", root)
     members = [r for r in rows if r["expert"] is not None]
     if not members:
-        # a row with a null expert says the set was computed and is empty; no row, that it was not computed
-        return "**empty**" if rows else "not computed"
+        # A row with a null expert says the set was computed and is empty; schema version 1 wrote no
+        # row for an empty set, so there the sets were computed if any set has rows.
+        computed = rows or query(f"select 1 from safex_experts {where} and schema_version = 1 limit 1", root)
+        return "**empty**" if computed else "not computed"
     return f"{len(members)} (" + ", ".join(f"{r['layer']}:{r['expert']}" for r in members) + ")"
 
 

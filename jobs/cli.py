@@ -2,11 +2,12 @@
 
     moesafe sandbox [--json] [--force]        build (once) and evaluate the sandbox model
     moesafe models                            supported MoE families
+    moesafe params [METHOD] [--markdown]      each method's parameters, defaults and meaning
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
     moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID]
     moesafe status [--out ROOT] [--run-id ID]
-    moesafe query "SQL" [--out ROOT] [--format table|csv|json]
+    moesafe query "SQL" [--out ROOT] [--format table|csv|json]   (`query --help` lists the tables)
 
 Exit codes: 0 done, 1 a run finished with failed units, 2 bad input (manifest, SQL, address,
 result root), with a message on stderr.
