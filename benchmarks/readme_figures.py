@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,18 +99,19 @@ def figures_block(root: str, run: dict) -> str:
         key = (m["method"], m["metric"] if m["method"] != "safex" else f"{m['metric']}:{m['dataset']}")
         by_judge[key][judge] = (m["value"], m["n"])
     judges.sort()
-    units = query(f"select count(*) as n, sum(seconds) as seconds from units {where}", root)[0]
-    wall = (datetime.fromisoformat(run["ended_at"]) - datetime.fromisoformat(run["started_at"])).total_seconds()
+    # From the units, not the runs row: a resumed run rewrites started_at, and a unit knows when it ran.
+    units = query(f"select count(*) as n, sum(seconds) as seconds, "
+                  f"epoch(max(finished_at)) - min(epoch(finished_at) - seconds) as span from units {where}", root)[0]
     versions = json.loads(run["versions"]) if isinstance(run["versions"], str) else run["versions"]
 
-    def figure(*keys: tuple[str, str]) -> str:
+    def figure(*keys: tuple[str, str], joint: str = " → ") -> str:
         """The metrics `keys` as "a → b (n)", one per judge."""
         parts = []
         for judge in judges:
             cells = [by_judge.get(key, {}).get(judge) for key in keys]
             if all(c is None for c in cells):
                 continue
-            values = " → ".join("–" if c is None else f"{c[0]:.2f}" for c in cells)
+            values = joint.join("–" if c is None else f"{c[0]:.2f}" for c in cells)
             n = "/".join(sorted({str(c[1]) for c in cells if c is not None}))
             parts.append(f"{judge + ': ' if judge else ''}{values} (n = {n})")
         return "; ".join(parts) or "not measured"
@@ -124,7 +124,7 @@ def figures_block(root: str, run: dict) -> str:
     rows = [
         ("F-SOUR", "ASR unattacked → attacked", figure(("fsour", "asr_baseline"), ("fsour", "asr"))),
         ("RoSais", "ASR(L), L = " + ", ".join(k[1].removeprefix("asr_at_L") for k in rosais_L),
-         figure(*rosais_L)),
+         figure(*rosais_L, joint=", ")),
         ("RoSais", "layers by mean score (highest first)",
          ", ".join(f"{r['layer']} ({r['mean']:.2f})" for r in ranking) or "not measured"),
         ("SAFEx", "HCDG / HRCG (layer:expert)", f"{expert_set(root, where, 'HCDG')} / {expert_set(root, where, 'HRCG')}"),
@@ -136,8 +136,8 @@ def figures_block(root: str, run: dict) -> str:
     lines = [BEGIN, "",
              "| method | figure | value |", "|---|---|---|",
              *[f"| {method} | {name} | {value} |" for method, name, value in rows], "",
-             f"Run `{run_id}`: {units['n']} units in {wall:.0f} s wall clock ({units['seconds']:.0f} s summed over "
-             f"units); torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
+             f"Run `{run_id}`: {units['n']} units, {units['span']:.0f} s from the first unit's start to the last "
+             f"one's end ({units['seconds']:.0f} s summed over units); torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
              f"ray {versions.get('ray')}. Written by `make figures` at commit {commit()} on {machine()}.",
              "", END]
     return "\n".join(lines)
