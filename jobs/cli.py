@@ -21,16 +21,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from jobs.errors import CliError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
 # Left out of the working directory uploaded with a submitted job: environments, history, caches.
 SUBMIT_EXCLUDES = [".venv", ".git", "results", ".cache"]
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
-
-
-class CliError(Exception):
-    """Bad input that the user can fix; main prints it on one line and exits 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           force_new_run=args.force_new_run)
     # the store accepts only file-safe run ids ([A-Za-z0-9._-]), so quoting one into SQL is safe
     where = f"run_id = '{result.run_id}'"
-    print(run_query(f"select model, dataset, method, metric, value, n from metrics where {where} "
-                    f"order by model, method, dataset, metric", result.out))
+    print(run_query(f"select model, dataset, method, judge, metric, value, n from metrics where {where} "
+                    f"order by model, method, dataset, judge, metric", result.out))
     state = "complete" if not result.units_failed else "INCOMPLETE"
     print(f"\nrun {result.run_id}: {state}, {result.units_ok}/{result.units_total} units ok, "
           f"{result.units_failed} failed")
