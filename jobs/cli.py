@@ -2,6 +2,7 @@
 
     moesafe sandbox [--json] [--force]        build (once) and evaluate the sandbox model
     moesafe models                            supported MoE families
+    moesafe methods                           the registered methods, their datasets, tables and params
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
     moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID]
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
 
     command("models", cmd_models, "list the supported MoE families")
+    command("methods", cmd_methods, "list the methods a manifest can name, with their params and defaults")
 
     manifest_args(command("validate", cmd_validate, "check a manifest and what it points at, running nothing"))
 
@@ -119,6 +121,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     for model_type, router, rule in rows:
         print(f"{model_type:<{widths[0]}}  {router:<{widths[1]}}  {rule}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from core.methods import METHODS, get_method
+
+    for name in METHODS:
+        method = get_method(name)
+        if method.roles == ("dataset",):
+            datasets = "dataset: <name>"
+        else:
+            roles = [*method.roles, *(f"{role} (optional)" for role in method.optional_roles)]
+            datasets = f"datasets: {', '.join(roles)}"
+        target = "; every prompt needs a target" if method.needs_target else ""
+        print(f"{name}: {datasets}{target}; writes {', '.join((*method.tables, 'metrics'))}")
+        print(f"  params: {', '.join(f'{f.name}={f.default!r}' for f in dataclasses.fields(method.params))}")
     return 0
 
 

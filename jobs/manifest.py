@@ -531,14 +531,15 @@ def _check_out(root: str) -> None:
         return
     path = Path(store.root)
     existing = next(p for p in (path, *path.parents) if p.exists())
+    fix = "Fix: point the results root at a directory this user can create and write."
     if not existing.is_dir():
         raise StoreError(f"result root {store.root!r} is not writable: {str(existing)!r} is a file, not a directory. "
-                         f"Fix: point the results root at a directory this user can create and write.")
+                         f"{fix}")
     if existing == path:
         store.check_writable()
     elif not os.access(existing, os.W_OK | os.X_OK):
         raise StoreError(f"result root {store.root!r} is not writable: this user cannot create it in "
-                         f"{str(existing)!r}. Fix: point the results root at a directory this user can create and write.")
+                         f"{str(existing)!r}. {fix}")
 
 
 def _model_config(model: ModelSpec) -> dict[str, Any]:

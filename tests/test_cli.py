@@ -57,6 +57,18 @@ def test_models_lists_every_family_with_router_and_rule(capsys):
     assert "PhimoeTopKRouter" in by_family["phimoe"] and "sparsemixer" in by_family["phimoe"]
 
 
+def test_methods_lists_the_registry(capsys):
+    from core.methods import METHODS
+
+    code, out, _ = moesafe(capsys, "methods")
+    lines = out.splitlines()
+    assert code == 0 and [line.split(":")[0] for line in lines[::2]] == list(METHODS)
+    assert lines[0] == ("fsour: dataset: <name>; every prompt needs a target; writes fsour_routes, generations, "
+                        "metrics")
+    assert lines[1].startswith("  params: candidates=100, restarts=5, threshold=0.8, seed=42")
+    assert "safex: datasets: regular, jailbreak, benign (optional); writes safex_counts" in out
+
+
 def test_validate_accepts_the_quickstart(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MOESAFE_CACHE", str(tmp_path / "cache"))  # validating builds no sandbox
     code, out, err = moesafe(capsys, "validate", str(QUICKSTART), "--out", str(tmp_path / "out"))
