@@ -2,6 +2,7 @@
 
     moesafe sandbox [--json] [--force]        build (once) and evaluate the sandbox model
     moesafe models                            supported MoE families
+    moesafe methods                           the registered methods, their datasets, tables and params
     moesafe params [METHOD] [--markdown]      each method's parameters, defaults and meaning
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
@@ -27,6 +28,8 @@ from typing import Callable
 
 import yaml
 
+from jobs.errors import CliError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
 # What a submitted job carries: the project's code, and the manifest under this name (with its
@@ -35,10 +38,6 @@ CODE_PACKAGES = ("core", "actors", "jobs")
 SUBMITTED_MANIFEST = "manifest.yaml"
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
-
-
-class CliError(Exception):
-    """Bad input that the user can fix; main prints it on one line and exits 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
 
     command("models", cmd_models, "list the supported MoE families")
+    command("methods", cmd_methods, "list the methods a manifest can name, with their params and defaults")
 
     sub = command("params", cmd_params, "each method's parameters (a manifest's `params:`), defaults and meaning")
     sub.add_argument("method", nargs="?", help="fsour, rosais, safex or steermoe (default: all)")
@@ -164,6 +164,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from core.methods import METHODS, get_method
+
+    for name in METHODS:
+        method = get_method(name)
+        if method.roles == ("dataset",):
+            datasets = "dataset: <name>"
+        else:
+            roles = [*method.roles, *(f"{role} (optional)" for role in method.optional_roles)]
+            datasets = f"datasets: {', '.join(roles)}"
+        target = "; every prompt needs a target" if method.needs_target else ""
+        print(f"{name}: {datasets}{target}; writes {', '.join((*method.tables, 'metrics'))}")
+        print(f"  params: {', '.join(f'{f.name}={f.default!r}' for f in dataclasses.fields(method.params))}")
+    return 0
+
+
 def _selection_rule(select: Callable, model_types: set[str]) -> str:
     """The first paragraph of a family's select_* docstring (core.families, the one place the rules
     are written), without the list of families some of them start with."""
@@ -174,10 +192,10 @@ def _selection_rule(select: Callable, model_types: set[str]) -> str:
 
 
 def method_params_classes() -> dict[str, type]:
-    """method -> its params dataclass: the one place the CLI looks them up."""
-    from jobs.manifest import METHOD_PARAMS, _params_class
+    """method -> its params dataclass, from the method registry."""
+    from core.methods import METHODS, get_method
 
-    return {method: _params_class(method) for method in METHOD_PARAMS}
+    return {name: get_method(name).params for name in METHODS}
 
 
 def params_table(method: str, markdown: bool = False) -> str:
@@ -243,8 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           force_new_run=args.force_new_run)
     # the store accepts only file-safe run ids ([A-Za-z0-9._-]), so quoting one into SQL is safe
     where = f"run_id = '{result.run_id}'"
-    print(run_query(f"select model, dataset, method, metric, value, n from metrics where {where} "
-                    f"order by model, method, dataset, metric", result.out))
+    print(run_query(f"select model, dataset, method, judge, metric, value, n from metrics where {where} "
+                    f"order by model, method, dataset, judge, metric", result.out))
     state = "complete" if not result.units_failed else "INCOMPLETE"
     print(f"\nrun {result.run_id}: {state}, {result.units_ok}/{result.units_total} units ok, "
           f"{result.units_failed} failed")
