@@ -105,7 +105,7 @@ def figures_block(root: str, run: dict) -> str:
     versions = json.loads(run["versions"]) if isinstance(run["versions"], str) else run["versions"]
 
     def figure(*keys: tuple[str, str], joint: str = " → ") -> str:
-        """The metrics `keys` as "a → b (n)", one per judge."""
+        """The metrics `keys` as "a → b (n)", one per judge, named when there are several."""
         parts = []
         for judge in judges:
             cells = [by_judge.get(key, {}).get(judge) for key in keys]
@@ -113,7 +113,8 @@ def figures_block(root: str, run: dict) -> str:
                 continue
             values = joint.join("–" if c is None else f"{c[0]:.2f}" for c in cells)
             n = "/".join(sorted({str(c[1]) for c in cells if c is not None}))
-            parts.append(f"{judge + ': ' if judge else ''}{values} (n = {n})")
+            named = judge and len(judges) > 1  # a single judge needs no name
+            parts.append(f"{judge + ': ' if named else ''}{values} (n = {n})")
         return "; ".join(parts) or "not measured"
 
     rosais_L = sorted((k for k in by_judge if k[0] == "rosais" and k[1].startswith("asr_at_L")),

@@ -21,8 +21,9 @@ RUN = load_manifest(REPO / "manifests" / "quickstart.yaml").run_id
 OK = {"method": "x", "kind": "x", "status": "ok", "attempts": 1, "seconds": 2.0, "error": None}
 
 
-def metric(method, metric, value, n=4, dataset="harmful"):
-    return {"dataset": dataset, "method": method, "metric": metric, "value": value, "n": n}
+def metric(method, metric, value, n=4, dataset="harmful", judge="refusal"):
+    return {"dataset": dataset, "method": method, "metric": metric, "value": value, "n": n, "judge": judge,
+            "params_hash": "0123"}
 
 
 @pytest.fixture
@@ -73,21 +74,27 @@ def test_block_is_rewritten_from_the_run_and_the_rest_is_kept(tmp_path, quicksta
     assert " cores (" in text and "at commit " in text
 
 
-def test_a_judge_column_gives_one_value_per_judge(tmp_path, quickstart_root):
-    """Another engineer adds `judge` to metrics: rows are read by column name, one value per judge."""
-    schema = TABLES["metrics"].schema.append(pa.field("judge", pa.string()))
-    rows = [{"run_id": RUN, "model": "sandbox", "unit_id": "metrics-j", "schema_version": 2, "judge": judge,
-             **metric("fsour", name, value)}
-            for judge, name, value in (("refusal", "asr_baseline", 0.0), ("refusal", "asr", 0.5),
-                                       ("strongreject", "asr_baseline", 0.0), ("strongreject", "asr", 0.25))]
+def test_several_judges_give_one_value_each(tmp_path, quickstart_root):
     store = ResultStore(quickstart_root)
-    store.write_unit(RUN, "sandbox", "metrics-j", {}, OK)  # its units row: the commit marker
-    (Path(quickstart_root) / "metrics" / "model=sandbox" / f"run={RUN}" / "metrics-a.parquet").unlink()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema),
-                   Path(quickstart_root) / "metrics" / "model=sandbox" / f"run={RUN}" / "metrics-j.parquet")
+    store.write_unit(RUN, "sandbox", "metrics-a", {"metrics": [
+        metric("fsour", "asr_baseline", 0.0), metric("fsour", "asr", 0.5),
+        metric("fsour", "asr_baseline", 0.0, judge="strongreject"), metric("fsour", "asr", 0.25, judge="strongreject"),
+    ]}, OK)
     block = figures.figures_block(quickstart_root, figures.finished_run(quickstart_root, RUN))
     assert ("| F-SOUR | ASR unattacked → attacked | refusal: 0.00 → 0.50 (n = 4); "
             "strongreject: 0.00 → 0.25 (n = 4) |") in block
+
+
+def test_metrics_without_a_judge_column_read_as_one_judge(tmp_path, quickstart_root):
+    """A run stored before metrics had `judge` (schema 1): rows are read by column name."""
+    v1 = pa.schema([f for f in TABLES["metrics"].schema if f.name not in ("judge", "params_hash")])
+    rows = [{"run_id": RUN, "model": "sandbox", "unit_id": "metrics-a", "schema_version": 1,
+             **{k: v for k, v in metric("fsour", name, value).items() if k not in ("judge", "params_hash")}}
+            for name, value in (("asr_baseline", 0.0), ("asr", 0.75))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=v1),
+                   Path(quickstart_root) / "metrics" / "model=sandbox" / f"run={RUN}" / "metrics-a.parquet")
+    block = figures.figures_block(quickstart_root, figures.finished_run(quickstart_root, RUN))
+    assert "| F-SOUR | ASR unattacked → attacked | 0.00 → 0.75 (n = 4) |" in block
 
 
 def test_a_root_without_the_run_or_a_readme_without_markers_is_refused(tmp_path, quickstart_root, capsys):
