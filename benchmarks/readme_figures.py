@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run (or finish) the quickstart into --out first unless it is there, finished")
     ap.add_argument("--readme", default=str(REPO / "README.md"), help="the file whose marked block is rewritten")
     ap.add_argument("--print", action="store_true", help="print the block instead of writing the README")
+    ap.add_argument("--run-id", help="read this run instead of the quickstart manifest's own (e.g. one stored "
+                                     "before the manifest's defaults changed)")
     args = ap.parse_args(argv)
     try:
-        run_id = load_manifest(QUICKSTART).run_id
+        run_id = args.run_id or load_manifest(QUICKSTART).run_id
         run = finished_run(args.out, run_id)
         if run is None and args.run:
             subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(QUICKSTART), "--out", args.out],
