@@ -31,7 +31,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 from pydantic_core import PydanticCustomError
 
 from core.datasets import DATASETS, FIELDS, FILE_TYPES, DatasetError, PromptRecord, load_prompts
-from core.judges import JUDGES, Judge, make_judge
+from core.judges import JUDGES, RENAMED_JUDGES, Judge, make_judge
 from core.store import ResultStore, StoreError, _check_id, model_slug
 
 # method -> "module:ParamsClass"; imported when first needed, so a method whose module is absent
@@ -171,6 +171,8 @@ class JudgeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _buildable(self) -> JudgeSpec:
+        if self.type in RENAMED_JUDGES:
+            raise _problem(RENAMED_JUDGES[self.type], at=".type")
         if self.type not in JUDGES:
             raise _problem(f"is not one of {', '.join(JUDGES)}", at=".type", value=self.type)
         accepted = list(inspect.signature(JUDGES[self.type]).parameters)
