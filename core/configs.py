@@ -78,7 +78,8 @@ def tiny_tokenizer(vocab_size: int = 128):
 
 
 def save_tiny_model(name: str, path, seed: int = 0, tokenizer=None, **overrides):
-    """Build a random tiny model `name` (a family or a variant, see `tiny_config`), save it with a tokenizer to `path`, return path.
+    """Build a random tiny model `name` (a family or a variant, see `tiny_config`), save it with a
+    tokenizer to `path`, return path.
 
     `tokenizer` (e.g. the sandbox's, to read real prompts) replaces the `w0 .. wN` one and sets
     the vocabulary size."""

@@ -189,6 +189,7 @@ class RubricJudge:
     filled in; it must ask for the same three `name: integer` lines. The file is read once when
     the judge is built (on every node that builds it, like a local model path) and its sha256 is
     in the settings, so every verdict row says which rubric produced it.
+
     The API key is read from the environment variable named by `api_key_env` at call time and
     is never stored. Timeouts, connection errors, HTTP 429 and 5xx are retried `max_retries`
     times with exponential backoff (`backoff_s`, then twice that, ...); after that, or when the
@@ -198,8 +199,8 @@ class RubricJudge:
     name = "rubric"
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, *,
-                 rubric_file: str | None = None, threshold: float = 1.0, timeout_s: float = 60.0, max_retries: int = 2,
-                 backoff_s: float = 1.0, max_workers: int = 4, max_tokens: int = 64):
+                 rubric_file: str | None = None, threshold: float = 1.0, timeout_s: float = 60.0,
+                 max_retries: int = 2, backoff_s: float = 1.0, max_workers: int = 4, max_tokens: int = 64):
         if not re.match(r"https?://[^/]+", base_url or ""):
             raise ValueError(f"rubric judge: base_url must look like http://host:port/v1, "
                              f"got {base_url!r}")

@@ -360,7 +360,8 @@ def test_deepseek_v3_mask_goes_to_the_choice_score(deepseek_v3):
     ids = _ids(1, 16, seed=12)
     favourite = {l: int(layer.router.e_score_correction_bias.argmax()) for l, layer in enumerate(c.layers)}
     free = _tapped_forward(deepseek_v3, ids)
-    masked = _tapped_forward(deepseek_v3, ids, Route.disable({l: [e] for l, e in favourite.items()}, c.num_experts))
+    blocked = Route.disable({l: [e] for l, e in favourite.items()}, c.num_experts)
+    masked = _tapped_forward(deepseek_v3, ids, blocked)
     for l, (logits, weights, indices) in masked.items():
         router = c.layers[l].router
         assert (free[l][2] == favourite[l]).any(), f"layer {l}: the favourite should win unmasked"
