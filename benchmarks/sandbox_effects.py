@@ -1,0 +1,127 @@
+"""What each method does to the sandbox model, judged by the sandbox judge (and the refusal judge
+beside it), calling the core functions directly (no Ray, no store).
+
+On the held-out harmful prompts (first `--prompts` of each group), SPEC defaults for every method
+except the answer length (`--max-new-tokens`, as the quickstart):
+- F-SOUR: per prompt, the unattacked answer, then restarts until jailbroken; ASR of the reported
+  restart against the unattacked ASR, and the share of searches that reached the threshold.
+- RoSais: scores on every layer, layer ranking, ASR(L) for L = 0..L_max.
+- SAFEx: decode counts of Regular and Jailbreak, bootstrap, HRCG; refusal of Regular before,
+  after disabling HRCG, and after disabling as many random experts in the same layers (mean over
+  `--random-draws` draws).
+
+    PYTHONPATH=. python benchmarks/sandbox_effects.py [--prompts 64] [--methods fsour,rosais,safex]
+
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from statistics import fmean
+
+from core.datasets import load_prompts
+from core.fsour import FsourParams, fsour_attack
+from core.judges import RefusalJudge, SandboxJudge
+from core.models import load_model
+from core.rosais import RosaisParams, asr_by_L, rank_layers, rosais_attack, rosais_scores
+from core.safex import (SafexParams, bootstrap_selection, expert_sets, random_control, safex_counts,
+                        safex_validation, stack_counts)
+from core.sandbox import build_sandbox
+
+
+def jailbroken_share(verdicts) -> float:
+    decided = [v.jailbroken for v in verdicts if v.jailbroken is not None]
+    return fmean(decided) if decided else math.nan
+
+
+def fsour_effect(lm, prompts, judge, max_new_tokens: int) -> dict:
+    params = FsourParams(max_new_tokens=max_new_tokens)
+    unattacked, attacked, converged, searched, restarts, refusal_judged = [], [], [], 0, [], []
+    for item in prompts:
+        rows, gens, chosen = fsour_attack(lm, item, judge, params)
+        unattacked.append(bool(rows[0]["jailbroken"]))
+        attacked.append(bool(rows[chosen]["jailbroken"]))
+        refusal_judged.append(gens[chosen]["answer"])
+        if rows[chosen]["restart"] >= 0:
+            searched += 1
+            converged.append(rows[chosen]["joint_logprob"] >= math.log(params.threshold))
+            restarts.append(rows[chosen]["restart"])
+    refusal = RefusalJudge().judge([p.prompt for p in prompts], refusal_judged)
+    return {"asr": fmean(attacked), "asr_baseline": fmean(unattacked),
+            "converged": fmean(converged) if converged else math.nan, "searched": searched,
+            "restart_histogram": {r: restarts.count(r) for r in sorted(set(restarts))},
+            "asr_refusal_judge": jailbroken_share(refusal)}
+
+
+def rosais_effect(lm, prompts, judge, max_new_tokens: int) -> dict:
+    params = RosaisParams(max_new_tokens=max_new_tokens)
+    scores = rosais_scores(lm, prompts, params=params)
+    ranking = rank_layers(scores)
+    attack_rows, gens = rosais_attack(lm, prompts, ranking, scores, judge=judge, params=params)
+    asr = asr_by_L(attack_rows)
+    refusal = RefusalJudge().judge([g["prompt"] for g in gens], [g["answer"] for g in gens])
+    asr_refusal = asr_by_L([{**row, "jailbroken": v.jailbroken} for row, v in zip(attack_rows, refusal)])
+    best_L = max(asr, key=lambda L: (asr[L], -L))
+    return {"ranking": ranking, "asr_by_L": asr, "best_L": best_L, "gain": asr[best_L] - asr[0],
+            "asr_by_L_refusal_judge": asr_refusal}
+
+
+def safex_effect(lm, regular, jailbreak, judge, draws: int) -> dict:
+    params = SafexParams()
+    selected = {}
+    for group, prompts in (("regular", regular), ("jailbreak", jailbreak)):
+        counts, tokens = stack_counts(safex_counts(lm, prompts, group, params))
+        selected[group] = bootstrap_selection(counts, tokens, params.rounds, params.alpha,
+                                              params.per_layer, params.seed)
+    sets = expert_sets(selected["regular"], selected["jailbreak"], params.rounds, params.pi)
+    hrcg = sets["HRCG"]
+
+    def refusal(disabled, condition, group="regular", prompts=regular) -> float:
+        rows, _ = safex_validation(lm, prompts, group, disabled, condition, judge, params)
+        return fmean(r["refused"] for r in rows if r["refused"] is not None)
+
+    controls = [random_control(hrcg, lm.control.num_experts, seed=params.seed + d) for d in range(draws)]
+    before, after = refusal({}, "before"), refusal(hrcg, "after")
+    random_after = [refusal(control, "random") for control in controls]
+    return {"expert_sets": {name: {str(l): e for l, e in members.items()} for name, members in sets.items()},
+            "refusal_before": before, "refusal_after": after,
+            "refusal_after_random": fmean(random_after), "refusal_after_random_draws": random_after,
+            "random_controls": [{str(l): e for l, e in c.items()} for c in controls],
+            "jailbreak_refusal_before": refusal({}, "before", "jailbreak", jailbreak),
+            "jailbreak_refusal_after": refusal(hrcg, "after", "jailbreak", jailbreak)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=None, help="first N prompts of each group (default all)")
+    parser.add_argument("--methods", default="fsour,rosais,safex")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--random-draws", type=int, default=5)
+    parser.add_argument("--model", default=None, help="sandbox model directory (default: build/reuse the cached one)")
+    args = parser.parse_args()
+    model_dir = args.model or str(build_sandbox())
+    lm = load_model(model_dir)
+    regular = load_prompts("sandbox", split="regular", limit=args.prompts)
+    jailbreak = load_prompts("sandbox", split="jailbreak", limit=args.prompts)
+    judge = SandboxJudge()
+    report = {"model_dir": model_dir, "judge": judge.name, "n_prompts": len(regular),
+              "max_new_tokens": args.max_new_tokens}
+    for method in args.methods.split(","):
+        started = time.perf_counter()
+        if method == "fsour":
+            report[method] = fsour_effect(lm, regular, judge, args.max_new_tokens)
+        elif method == "rosais":
+            report[method] = rosais_effect(lm, regular, judge, args.max_new_tokens)
+        elif method == "safex":
+            report[method] = safex_effect(lm, regular, jailbreak, judge, args.random_draws)
+        else:
+            parser.error(f"--methods: unknown method {method!r} (fsour, rosais, safex)")
+        report[method]["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
