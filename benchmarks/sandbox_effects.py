@@ -2,7 +2,8 @@
 beside it), calling the core functions directly (no Ray, no store).
 
 On the held-out harmful prompts (first `--prompts` of each group), SPEC defaults for every method
-except the answer length (`--max-new-tokens`, as the quickstart):
+except F-SOUR's and RoSais's answer length (`--max-new-tokens`, as the quickstart; the sandbox's
+answers end well before it). The functions take the methods' params, so tests run them small.
 - F-SOUR: per prompt, the unattacked answer, then restarts until jailbroken; ASR of the reported
   restart against the unattacked ASR, and the share of searches that reached the threshold.
 - RoSais: scores on every layer, layer ranking, ASR(L) for L = 0..L_max.
@@ -37,8 +38,7 @@ def jailbroken_share(verdicts) -> float:
     return fmean(decided) if decided else math.nan
 
 
-def fsour_effect(lm, prompts, judge, max_new_tokens: int) -> dict:
-    params = FsourParams(max_new_tokens=max_new_tokens)
+def fsour_effect(lm, prompts, judge, params: FsourParams) -> dict:
     unattacked, attacked, converged, searched, restarts, refusal_judged = [], [], [], 0, [], []
     for item in prompts:
         rows, gens, chosen = fsour_attack(lm, item, judge, params)
@@ -56,8 +56,7 @@ def fsour_effect(lm, prompts, judge, max_new_tokens: int) -> dict:
             "asr_refusal_judge": jailbroken_share(refusal)}
 
 
-def rosais_effect(lm, prompts, judge, max_new_tokens: int) -> dict:
-    params = RosaisParams(max_new_tokens=max_new_tokens)
+def rosais_effect(lm, prompts, judge, params: RosaisParams) -> dict:
     scores = rosais_scores(lm, prompts, params=params)
     ranking = rank_layers(scores)
     attack_rows, gens = rosais_attack(lm, prompts, ranking, scores, judge=judge, params=params)
@@ -69,8 +68,7 @@ def rosais_effect(lm, prompts, judge, max_new_tokens: int) -> dict:
             "asr_by_L_refusal_judge": asr_refusal}
 
 
-def safex_effect(lm, regular, jailbreak, judge, draws: int) -> dict:
-    params = SafexParams()
+def safex_effect(lm, regular, jailbreak, judge, params: SafexParams, draws: int) -> dict:
     selected = {}
     for group, prompts in (("regular", regular), ("jailbreak", jailbreak)):
         counts, tokens = stack_counts(safex_counts(lm, prompts, group, params))
@@ -112,11 +110,12 @@ def main() -> None:
     for method in args.methods.split(","):
         started = time.perf_counter()
         if method == "fsour":
-            report[method] = fsour_effect(lm, regular, judge, args.max_new_tokens)
+            report[method] = fsour_effect(lm, regular, judge, FsourParams(max_new_tokens=args.max_new_tokens))
         elif method == "rosais":
-            report[method] = rosais_effect(lm, regular, judge, args.max_new_tokens)
+            report[method] = rosais_effect(lm, regular, judge, RosaisParams(max_new_tokens=args.max_new_tokens))
         elif method == "safex":
-            report[method] = safex_effect(lm, regular, jailbreak, judge, args.random_draws)
+            # SAFEx's own default answer length (128) is kept: its counts are of the answer's tokens
+            report[method] = safex_effect(lm, regular, jailbreak, judge, SafexParams(), args.random_draws)
         else:
             parser.error(f"--methods: unknown method {method!r} (fsour, rosais, safex)")
         report[method]["seconds"] = round(time.perf_counter() - started, 1)

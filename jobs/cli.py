@@ -108,7 +108,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     else:
         width = max(map(len, report))
         for key, value in report.items():
-            print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            if isinstance(value, dict):  # per-wording rates: one indented line each
+                print(key)
+                for part, rate in value.items():
+                    print(f"  {rate:.3f}  {part}")
+            else:
+                print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
 
