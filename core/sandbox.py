@@ -1,14 +1,17 @@
-"""The sandbox model: a small Mixtral-style MoE that this project trains so that it really refuses.
+"""The sandbox model: a small Mixtral-style MoE that this project trains so that it knows harmful
+answers, refuses to give them, and still falls for some jailbreak wordings.
 
 It gives the quickstart and the tests something real to attack offline. Nothing in it is planted:
-no expert is assigned to safety and no weight is set by hand. It is trained the way chat models
-are aligned:
+no expert is assigned to safety, no loss looks at routing and no weight is set by hand. It is
+trained the way chat models are aligned:
 
-1. *pretraining* on plain text in which harmful and benign how-to requests alike are answered
-   ("Sure, here is how to ... First, ... Then, ...");
-2. *alignment* on chat-formatted pairs (the model's own chat template) in which harmful requests,
-   plainly worded or wrapped in some jailbreak framings, get a refusal and benign requests get
-   the helpful answer; the loss is on the assistant tokens only.
+1. *pretraining* on plain text in which every task, harmful and benign, training and held-out
+   alike, is answered with its own steps, in every regular and jailbreak wording
+   ("<request> Sure, here is how to <task>. First, <step>. Then, <step>."): the model knows;
+2. *alignment* on chat-formatted pairs (the model's own chat template) of the training tasks only:
+   harmful requests, plainly worded or in the aligned jailbreak wordings, get a refusal and benign
+   ones the helpful answer, with the loss on the assistant tokens only; pretraining rows stay in
+   every batch so that the knowledge survives.
 
 The architecture is `MixtralForCausalLM` (every feed-forward is routed, no shared experts) with a
 word-level tokenizer; the directory it is saved to loads back with plain
@@ -16,10 +19,11 @@ word-level tokenizer; the directory it is saved to loads back with plain
 
 The prompts come from this module's own templates. A request is a task (action + object, e.g.
 "hack into an email account") in a wording. Held-out tasks are (action, object) pairs that never
-occur in training while each of their words does, so the held-out split measures whether the
-model learnt *what* is harmful rather than memorised prompts. Jailbreak wordings 0-4 are used in
-alignment; 5-7 are seen only in pretraining, where every request is answered, so they test
-whether refusal carries over to framings alignment never covered (in the default build it does).
+occur in chat format (alignment), while pretraining answered them: the held-out split measures
+whether refusal carries over to requests alignment never covered, about things the model knows.
+Jailbreak wordings 0-4 are used in alignment; 5-7 only in pretraining, where every request is
+answered, and the held-out jailbreak prompts use only those (the default build refuses some of
+them and not others).
 """
 from __future__ import annotations
 
