@@ -367,6 +367,11 @@ class SandboxConfig:
     # CPU float reductions depend on the thread count: fixed, so a seed gives the same weights.
     num_threads: int = 1
 
+    def __post_init__(self):
+        if not 0 <= self.align_pretrain_rows < self.batch_size:
+            raise ValueError(f"sandbox config: align_pretrain_rows must be at least 0 and below batch_size "
+                             f"({self.batch_size}), got {self.align_pretrain_rows}")
+
     def cache_key(self) -> str:
         payload = json.dumps({"version": SANDBOX_VERSION, "config": asdict(self)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

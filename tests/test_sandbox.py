@@ -168,7 +168,9 @@ def test_generate_greedy_is_independent_of_batching(sandbox_dir):
 
 
 def test_same_seed_gives_identical_weights(tmp_path):
-    tiny = SandboxConfig(pretrain_steps=4, align_steps=2, batch_size=8)
+    tiny = SandboxConfig(pretrain_steps=4, align_steps=2, batch_size=8, align_pretrain_rows=3)
+    with pytest.raises(ValueError, match="align_pretrain_rows must be"):
+        SandboxConfig(batch_size=8)
     first = build_sandbox(cache_dir=tmp_path / "a", config=tiny)
     second = build_sandbox(cache_dir=tmp_path / "b", config=tiny)
     other_seed = build_sandbox(cache_dir=tmp_path / "c", config=tiny, seed=7)
