@@ -24,51 +24,68 @@ import time
 from statistics import fmean
 
 from core.datasets import load_prompts
-from core.fsour import FsourParams, fsour_attack
+from core.chat import JudgePanel
+from core.fsour import FsourParams, fsour_precheck, fsour_restart, select_restart
 from core.judges import RefusalJudge, SandboxJudge
 from core.models import load_model
-from core.rosais import RosaisParams, asr_by_L, rank_layers, rosais_attack, rosais_scores
+from core.rosais import RosaisParams, rank_layers, rosais_attack, rosais_scores
 from core.safex import (SafexParams, bootstrap_selection, expert_sets, random_control, safex_counts,
                         safex_validation, stack_counts)
 from core.sandbox import build_sandbox
 
 
-def jailbroken_share(verdicts) -> float:
-    decided = [v.jailbroken for v in verdicts if v.jailbroken is not None]
+def panel() -> JudgePanel:
+    """The sandbox judge decides; the refusal judge grades the same answers beside it."""
+    return JudgePanel({"sandbox": SandboxJudge(), "refusal": RefusalJudge()})
+
+
+def share(flags) -> float:
+    decided = [flag for flag in flags if flag is not None]
     return fmean(decided) if decided else math.nan
 
 
-def fsour_effect(lm, prompts, judge, params: FsourParams) -> dict:
-    unattacked, attacked, converged, searched, restarts, refusal_judged = [], [], [], 0, [], []
-    for item in prompts:
-        rows, gens, chosen = fsour_attack(lm, item, judge, params)
-        unattacked.append(bool(rows[0]["jailbroken"]))
-        attacked.append(bool(rows[chosen]["jailbroken"]))
-        refusal_judged.append(gens[chosen]["answer"])
+def refusal_judge_says(generation: dict) -> bool | None:
+    return generation["verdicts"][1].jailbroken
+
+
+def fsour_effect(lm, prompts, judge: JudgePanel, params: FsourParams) -> dict:
+    """F-SOUR's serial loop per prompt: the unattacked answer, then restarts until jailbroken."""
+    prechecks, precheck_gens = fsour_precheck(lm, prompts, judge, params)
+    unattacked, attacked, by_refusal_judge, converged, restarts = [], [], [], [], []
+    for item, precheck, precheck_gen in zip(prompts, prechecks, precheck_gens):
+        rows, gens = [precheck], [precheck_gen]
+        for restart in range(params.restarts if not precheck["jailbroken"] else 0):
+            row, gen = fsour_restart(lm, item, restart, judge, params)
+            rows.append(row)
+            gens.append(gen)
+            if row["jailbroken"]:
+                break
+        chosen = select_restart(rows)
+        unattacked.append(precheck["jailbroken"])
+        attacked.append(rows[chosen]["jailbroken"])
+        by_refusal_judge.append(refusal_judge_says(gens[chosen]))
         if rows[chosen]["restart"] >= 0:
-            searched += 1
             converged.append(rows[chosen]["joint_logprob"] >= math.log(params.threshold))
             restarts.append(rows[chosen]["restart"])
-    refusal = RefusalJudge().judge([p.prompt for p in prompts], refusal_judged)
-    return {"asr": fmean(attacked), "asr_baseline": fmean(unattacked),
-            "converged": fmean(converged) if converged else math.nan, "searched": searched,
-            "restart_histogram": {r: restarts.count(r) for r in sorted(set(restarts))},
-            "asr_refusal_judge": jailbroken_share(refusal)}
+    return {"asr": share(attacked), "asr_baseline": share(unattacked), "converged": share(converged),
+            "searched": len(converged), "restart_histogram": {r: restarts.count(r) for r in sorted(set(restarts))},
+            "asr_refusal_judge": share(by_refusal_judge)}
 
 
-def rosais_effect(lm, prompts, judge, params: RosaisParams) -> dict:
+def rosais_effect(lm, prompts, judge: JudgePanel, params: RosaisParams) -> dict:
     scores = rosais_scores(lm, prompts, params=params)
     ranking = rank_layers(scores)
     attack_rows, gens = rosais_attack(lm, prompts, ranking, scores, judge=judge, params=params)
-    asr = asr_by_L(attack_rows)
-    refusal = RefusalJudge().judge([g["prompt"] for g in gens], [g["answer"] for g in gens])
-    asr_refusal = asr_by_L([{**row, "jailbroken": v.jailbroken} for row, v in zip(attack_rows, refusal)])
+    Ls = sorted({row["L"] for row in attack_rows})
+    asr = {L: share(row["jailbroken"] for row in attack_rows if row["L"] == L) for L in Ls}
+    asr_refusal = {L: share(refusal_judge_says(gen) for row, gen in zip(attack_rows, gens) if row["L"] == L)
+                   for L in Ls}
     best_L = max(asr, key=lambda L: (asr[L], -L))
     return {"ranking": ranking, "asr_by_L": asr, "best_L": best_L, "gain": asr[best_L] - asr[0],
             "asr_by_L_refusal_judge": asr_refusal}
 
 
-def safex_effect(lm, regular, jailbreak, judge, params: SafexParams, draws: int) -> dict:
+def safex_effect(lm, regular, jailbreak, judge: JudgePanel, params: SafexParams, draws: int) -> dict:
     selected = {}
     for group, prompts in (("regular", regular), ("jailbreak", jailbreak)):
         counts, tokens = stack_counts(safex_counts(lm, prompts, group, params))
@@ -77,19 +94,24 @@ def safex_effect(lm, regular, jailbreak, judge, params: SafexParams, draws: int)
     sets = expert_sets(selected["regular"], selected["jailbreak"], params.rounds, params.pi)
     hrcg = sets["HRCG"]
 
-    def refusal(disabled, condition, group="regular", prompts=regular) -> float:
-        rows, _ = safex_validation(lm, prompts, group, disabled, condition, judge, params)
-        return fmean(r["refused"] for r in rows if r["refused"] is not None)
+    def refusal(disabled, condition, group="regular", prompts=regular) -> tuple[float, float]:
+        """Refusal rate by the deciding judge and by the refusal judge."""
+        rows, gens = safex_validation(lm, prompts, group, disabled, condition, judge, params)
+        return (share(row["refused"] for row in rows),
+                1.0 - share(refusal_judge_says(gen) for gen in gens))
 
     controls = [random_control(hrcg, lm.control.num_experts, seed=params.seed + d) for d in range(draws)]
     before, after = refusal({}, "before"), refusal(hrcg, "after")
     random_after = [refusal(control, "random") for control in controls]
     return {"expert_sets": {name: {str(l): e for l, e in members.items()} for name, members in sets.items()},
-            "refusal_before": before, "refusal_after": after,
-            "refusal_after_random": fmean(random_after), "refusal_after_random_draws": random_after,
+            "refusal_before": before[0], "refusal_after": after[0],
+            "refusal_after_random": fmean(r[0] for r in random_after),
+            "refusal_after_random_draws": [r[0] for r in random_after],
             "random_controls": [{str(l): e for l, e in c.items()} for c in controls],
-            "jailbreak_refusal_before": refusal({}, "before", "jailbreak", jailbreak),
-            "jailbreak_refusal_after": refusal(hrcg, "after", "jailbreak", jailbreak)}
+            "refusal_judge": {"before": before[1], "after": after[1],
+                              "after_random": fmean(r[1] for r in random_after)},
+            "jailbreak_refusal_before": refusal({}, "before", "jailbreak", jailbreak)[0],
+            "jailbreak_refusal_after": refusal(hrcg, "after", "jailbreak", jailbreak)[0]}
 
 
 def main() -> None:
@@ -104,8 +126,8 @@ def main() -> None:
     lm = load_model(model_dir)
     regular = load_prompts("sandbox", split="regular", limit=args.prompts)
     jailbreak = load_prompts("sandbox", split="jailbreak", limit=args.prompts)
-    judge = SandboxJudge()
-    report = {"model_dir": model_dir, "judge": judge.name, "n_prompts": len(regular),
+    judge = panel()
+    report = {"model_dir": model_dir, "judges": list(judge.judges), "n_prompts": len(regular),
               "max_new_tokens": args.max_new_tokens}
     for method in args.methods.split(","):
         started = time.perf_counter()
