@@ -79,7 +79,10 @@ def load_tables(root: str, run_ids: Sequence[str] | None = None) -> dict[str, li
         raise ReportError(f"no run {', '.join(map(repr, unknown))} under {store.root}; its runs: {', '.join(sorted(known))}")
     tables = {RUNS_TABLE: [r for r in runs if r["run_id"] in wanted]}
     for name in (UNITS_TABLE, *RESULT_TABLES):
-        tables[name] = [row for run_id in wanted for row in store.read_table(name, run_id=run_id).to_pylist()]
+        if set(wanted) == known:  # one listing per table, not one per run (each is a round trip on S3)
+            tables[name] = store.read_table(name).to_pylist()
+        else:
+            tables[name] = [row for run_id in wanted for row in store.read_table(name, run_id=run_id).to_pylist()]
     return tables
 
 
@@ -400,7 +403,9 @@ def build_context(tables: dict[str, list[dict]], root: str, compare: tuple[str, 
     for key in models:
         scores = next((v for k, v in layer_scores.items() if k[:2] == key), None)
         top = next((v for k, v in steer_top.items() if k[:2] == key), None)
-        layers = max([n_layers.get(key, 0)] + [r["layer"] + 1 for r in top or []])
+        routed = changes.get(key)
+        layers = max([n_layers.get(key, 0), len(routed.counts[0]) if routed and routed.counts else 0]
+                     + [r["layer"] + 1 for r in top or []])
         rows = numbers.safety_map(layers, scores, changes.get(key), sets.get(key), top)
         if rows:
             n_experts = shapes.get(key, (None, None))[1]
