@@ -528,8 +528,12 @@ def sample_answers(generation_rows: Rows, prompts_per_method: int = 2, max_rows:
     return out
 
 
+_UNATTACKED = ("baseline", "before", "unsteered")
+
+
 def _condition_key(condition: str) -> tuple:
-    """Orders conditions naturally: baseline first, then by any number they hold (L=2 before L=10)."""
+    """Orders conditions naturally: the unattacked one first, then by name and any number they
+    hold (L=2 before L=10)."""
     number = re.search(r"-?\d+", condition)
-    return (condition != "baseline", re.sub(r"-?\d+", "", condition), int(number.group()) if number else -2)
+    return (condition not in _UNATTACKED, re.sub(r"-?\d+", "", condition), int(number.group()) if number else -2)
 

@@ -321,7 +321,6 @@ def make_real_root(tmp: Path) -> str:
 
 @pytest.fixture(scope="module")
 def real_root(sandbox_dir, tmp_path_factory):
-    if os.environ.get("DEV_ROOT"): return os.environ["DEV_ROOT"]  # DEVONLY
     return make_real_root(tmp_path_factory.mktemp("report"))
 
 
