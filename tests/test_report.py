@@ -342,15 +342,18 @@ def _data_uris_decode_to_svg(html: str) -> int:
     return len(sources)
 
 
-SMALL_FIGURES = {"fig-rosais-small-sandbox-harmful", "fig-safex-small-sandbox", "fig-safex-refusal-small-sandbox",
+SMALL_FIGURES = {"fig-asr", "fig-rosais-small-sandbox-harmful", "fig-safex-small-sandbox", "fig-safex-refusal-small-sandbox",
                  "fig-fsour-small-sandbox", "fig-steermoe-small-sandbox-harmful", "fig-map-small-sandbox"}
 
 
 def failing_run_figures(root: str) -> set[str]:
-    """The failing run has F-SOUR only: its map has layers to show only if a route changed one."""
-    routes = ResultStore(root, read_only=True).read_table("fsour_routes", run_id="keeps-failing").to_pylist()
-    changed = any(r["route"] for r in routes)
-    return {"fig-asr", "fig-fsour-keeps-failing-short-vocab", *(["fig-map-keeps-failing-short-vocab"] if changed else [])}
+    """The failing run has F-SOUR only: its map has layers to show only if a route changed one, and
+    its ASR figure needs metrics (a stage with a failed unit ends the method's plan before them)."""
+    store = ResultStore(root, read_only=True)
+    changed = any(r["route"] for r in store.read_table("fsour_routes", run_id="keeps-failing").to_pylist())
+    measured = store.read_table("metrics", run_id="keeps-failing").num_rows > 0
+    return {"fig-fsour-keeps-failing-short-vocab", *(["fig-map-keeps-failing-short-vocab"] if changed else []),
+            *(["fig-asr"] if measured else [])}
 
 
 def test_report_of_a_real_root_with_a_failed_unit(real_root, capsys):
@@ -418,7 +421,8 @@ def test_compare_shows_the_metric_deltas_of_two_runs(tmp_path):
     for run_id, asr in (("before", 0.25), ("after", 0.75)):
         store.write_run(run_id, manifest, status="finished")
         store.write_unit(run_id, "m1", "metrics-1", {"metrics": [
-            {"dataset": "harmful", "method": "fsour", "metric": "asr", "value": asr, "n": 8}]},
+            {"dataset": "harmful", "method": "fsour", "judge": "refusal", "params_hash": "p", "metric": "asr",
+             "value": asr, "n": 8}]},
             {"method": "fsour", "kind": "fsour_metrics", "status": "ok", "attempts": 1, "seconds": 0.1})
     html = Path(write_report(root, compare=("before", "after"))).read_text()
     assert "fig-compare" in _figures(html)
