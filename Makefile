@@ -25,6 +25,7 @@ test: setup
 quickstart: setup
 	$(VENV)/bin/moesafe sandbox
 	$(VENV)/bin/moesafe run manifests/quickstart.yaml --out results
+	$(VENV)/bin/moesafe report --out results
 
 # Rewrites README.md's quickstart figures from the quickstart run in results/ (running it if needed).
 figures: setup
