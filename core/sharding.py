@@ -162,18 +162,15 @@ class ModelShard:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        prefixes = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, _PassThrough))
-        slices, handles = _checkpoint_slices(local)
+        decoder = next(name for name, module in model.named_modules() if module is model.get_decoder())
+        others = [f"{name}." for name, module in model.named_modules() if isinstance(module, _PassThrough)]
+        if not self.last:
+            others += ["lm_head.", f"{decoder}.norm."]
         tied = getattr(model.config, "tie_word_embeddings", False)
-        mine = {}
-        for name, tensor in slices.items():
-            if name.startswith(prefixes):
-                continue
-            if "embed_tokens" in name and not self.first and not (tied and self.last):
-                continue
-            if (name.startswith("lm_head") or name.endswith("model.norm.weight")) and not self.last:
-                continue
-            mine[name] = tensor
+        if not self.first and not (tied and self.last):
+            others.append(f"{decoder}.embed_tokens.")
+        slices, handles = _checkpoint_slices(local)
+        mine = {name: tensor for name, tensor in slices.items() if not name.startswith(tuple(others))}
         if tied and self.last and not self.first:  # the LM head is the embedding matrix
             embed = next(n for n in mine if "embed_tokens" in n)
             mine["lm_head.weight"] = mine.pop(embed)
