@@ -139,3 +139,22 @@ def test_shard_refuses_a_checkpoint_without_safetensors(tmp_path):
         f.unlink()
     with pytest.raises(ModelLoadError, match="no .safetensors files"):
         ModelShard(str(path), 0, 2)
+
+
+def test_manifest_shards_field():
+    from jobs.manifest import ManifestError, load_manifest
+
+    text = """
+models:
+  - {name: m, path: sandbox, dtype: float32, num_cpus: 1, shards: SHARDS}
+datasets:
+  harmful: {source: sandbox, split: regular, limit: 2}
+methods:
+  - {method: rosais, dataset: harmful}
+"""
+    entry = load_manifest(text.replace("SHARDS", "2")).models[0]
+    assert (entry.shards, entry.replica_cpus) == (2, 2)
+    with pytest.raises(ManifestError, match="shards"):
+        load_manifest(text.replace("SHARDS", "0"))
+    with pytest.raises(ManifestError, match="use `shards` or `device_map: auto`"):
+        load_manifest(text.replace("SHARDS", "2, device_map: auto"))
