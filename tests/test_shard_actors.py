@@ -17,7 +17,7 @@ from actors.shard_worker import RayStages, start_shards
 from core.configs import save_tiny_model
 from core.models import load_model
 from core.routing import Route
-from core.sharding import StageMessage, sharded_loaded_model
+from core.sharding import sharded_loaded_model
 from core.store import ResultStore
 from jobs.runner import run_manifest
 from tests.test_runtime import RESULT_TABLES, _manifest
