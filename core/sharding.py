@@ -118,8 +118,8 @@ class ModelShard:
         config = load_config(local, trust_remote_code)
         if dtype not in DTYPES:
             raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        torch_dtype = getattr(config, "dtype", None) or torch.float32 if dtype == "auto" else DTYPES[dtype]
-        if isinstance(torch_dtype, str):
+        torch_dtype = DTYPES[dtype] if dtype != "auto" else getattr(config, "dtype", None) or torch.float32
+        if isinstance(torch_dtype, str):  # "auto": the checkpoint's own dtype, as from_pretrained reads it
             torch_dtype = getattr(torch, torch_dtype)
         if experts_implementation is None and torch_dtype == torch.float64:
             experts_implementation = "eager"  # grouped_mm kernels take no float64
@@ -363,9 +363,6 @@ class ShardedControl:
         for rec in self._recordings:
             for part in msg.recorded:
                 rec.add_partial(part)
-
-    def remove(self) -> None:
-        pass
 
 
 class ShardedModel:
