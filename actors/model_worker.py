@@ -71,7 +71,6 @@ class ModelWorker:
         except Exception as e:  # reported to the scheduler, which bounds the attempts
             return {"status": "failed", "seconds": time.perf_counter() - start, "error": error_text(e)}
 
-
     def _execute(self, unit: WorkUnit) -> dict:
         """The unit's rows. A shard that dies takes its replica down: rebuilt, the unit runs again
         from the start (no rows were written for the failed try)."""
@@ -82,10 +81,6 @@ class ModelWorker:
                 raise
             self.stages.rebuild()
             return execute_unit(unit, self.lm, self.judges, self.store_answers)
-
-    def shard_pids(self) -> list[int]:
-        """Process ids of this replica's shard actors (tests kill one)."""
-        return ray.get([a.pid.remote() for a in self.stages.actors]) if self.stages else []
 
 
 class RemoteJudge:
