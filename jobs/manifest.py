@@ -87,9 +87,10 @@ class ModelSpec(_Section):
     name: str  # unique; the model's slug in result paths and the `model` column
     path: str  # "sandbox", a local directory, a hub id or an s3:// prefix
     dtype: str = "auto"  # a name in core.models.DTYPES
-    num_gpus: NonNegativeFloat = 0  # per replica; 0 = CPU
-    num_cpus: PositiveFloat = 1  # per replica
+    num_gpus: NonNegativeFloat = 0  # per replica (per shard when sharded); 0 = CPU
+    num_cpus: PositiveFloat = 1  # per replica (per shard when sharded)
     replicas: PositiveInt = 1  # model actors for this model
+    shards: PositiveInt = 1  # actors per replica, each holding a contiguous range of the decoder layers
     device_map: Literal["auto"] | None = None  # "auto": spread the model over the replica's GPUs
     experts_implementation: str | None = None  # transformers' MoE kernel; None = its default
     trust_remote_code: bool = False
@@ -125,6 +126,21 @@ class ModelSpec(_Section):
         if kernel is not None and kernel not in known:
             raise _problem(f"is not one of {', '.join(known)}", value=kernel)
         return kernel
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> ModelSpec:
+        if self.shards > 1 and self.device_map is not None:
+            raise _problem("a sharded model places each shard itself: use `shards` or `device_map: auto`, "
+                           "not both", at=".device_map", value=self.device_map)
+        return self
+
+    @property
+    def replica_gpus(self) -> float:
+        return self.num_gpus * self.shards
+
+    @property
+    def replica_cpus(self) -> float:
+        return self.num_cpus * self.shards
 
 
 class DatasetSpec(_Section):

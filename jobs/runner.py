@@ -162,7 +162,7 @@ class Scheduler:
             plans.append(_Plan(ctx, get_method(m.method).stages(ctx)))
         if not plans:
             return None
-        return _Model(entry, key, plans, entry.num_gpus * entry.replicas, entry.num_cpus * entry.replicas)
+        return _Model(entry, key, plans, entry.replica_gpus * entry.replicas, entry.replica_cpus * entry.replicas)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -176,8 +176,8 @@ class Scheduler:
                 active.append(model)
             if not active:
                 m = waiting[0]
-                raise RunError(f"model {m.entry.name!r} needs {m.entry.num_gpus} GPU(s) and {m.entry.num_cpus} "
-                               f"CPU(s) per replica; the cluster has {ray.cluster_resources()}")
+                raise RunError(f"model {m.entry.name!r} needs {m.entry.replica_gpus} GPU(s) and "
+                               f"{m.entry.replica_cpus} CPU(s) per replica; the cluster has {ray.cluster_resources()}")
             for model in active:
                 self._advance(model)
                 self._dispatch(model)
@@ -201,7 +201,7 @@ class Scheduler:
     def _fits(self, model: _Model, active: list[_Model]) -> bool:
         """At least one replica fits beside the running models."""
         gpus, cpus = self._free(active)
-        return model.entry.num_gpus <= gpus + 1e-9 and model.entry.num_cpus <= cpus + 1e-9
+        return model.entry.replica_gpus <= gpus + 1e-9 and model.entry.replica_cpus <= cpus + 1e-9
 
     def _start(self, model: _Model, active: list[_Model]) -> None:
         """Create as many of the model's replicas as fit now (at least one)."""
@@ -210,13 +210,15 @@ class Scheduler:
         gpus, cpus = self._free(active)
         entry = model.entry
         fit = entry.replicas
-        if entry.num_gpus:
-            fit = min(fit, int(gpus // entry.num_gpus + 1e-9))
-        if entry.num_cpus:
-            fit = min(fit, int(cpus // entry.num_cpus + 1e-9))
+        if entry.replica_gpus:
+            fit = min(fit, int(gpus // entry.replica_gpus + 1e-9))
+        if entry.replica_cpus:
+            fit = min(fit, int(cpus // entry.replica_cpus + 1e-9))
         fit = max(1, fit)
-        model.need_gpus, model.need_cpus = fit * entry.num_gpus, fit * entry.num_cpus
-        model.actors = [ModelWorker.options(num_gpus=entry.num_gpus, num_cpus=entry.num_cpus)
+        model.need_gpus, model.need_cpus = fit * entry.replica_gpus, fit * entry.replica_cpus
+        # a sharded replica's resources are its shard actors'; its ModelWorker only drives them
+        own_gpus, own_cpus = (0, 0) if entry.shards > 1 else (entry.num_gpus, entry.num_cpus)
+        model.actors = [ModelWorker.options(num_gpus=own_gpus, num_cpus=own_cpus)
                         .remote(entry.model_dump(), self.judges, self.store.root, self.run_id,
                                 self.manifest.store_answers)
                         for _ in range(fit)]
