@@ -158,15 +158,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f"run_id = '{result.run_id}'"
     print(run_query(f"select model, dataset, method, metric, value, n from metrics where {where} "
                     f"order by model, method, dataset, metric", result.out))
-    state = "complete" if not result.units_failed else "INCOMPLETE"
-    print(f"\nrun {result.run_id}: {state}, {result.units_ok}/{result.units_total} units ok, "
-          f"{result.units_failed} failed")
+    print(f"\nrun {result.run_id}: {_outcome(result)}")
     out = shlex.quote(str(result.out))
     if result.units_failed:
         print(f"failed units: moesafe status --out {out} --run-id {result.run_id}; "
               f"run the same command again to retry them")
     print(f'explore: moesafe query "select * from metrics where {where}" --out {out}')
     return 0 if not result.units_failed else EXIT_INCOMPLETE
+
+
+def _outcome(result) -> str:
+    """What the run did, counting every unit once: run ok now, done by an earlier attempt, failed."""
+    if result.units_total and result.units_skipped == result.units_total:
+        return f"already complete: all {result.units_total} units were done earlier, nothing ran"
+    state = "complete" if not result.units_failed else "INCOMPLETE"
+    return (f"{state}, {result.units_ok} units ok, {result.units_skipped} skipped (done earlier), "
+            f"{result.units_failed} failed, of {result.units_total}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -256,10 +263,15 @@ def _checked_run_id(run_id: str) -> str:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from core.query import run_query
+    from core.query import ReadOnlyError, run_query
 
     try:
         result = run_query(args.sql, args.out, args.format)
+    except ReadOnlyError as error:
+        raise CliError(str(error)) from None
+    except duckdb.PermissionException as error:
+        raise CliError(f"{' '.join(str(error).split())}: queries read only the tables under --out "
+                       f"{args.out}") from None
     except duckdb.Error as error:
         raise CliError(f"{type(error).__name__}: {' '.join(str(error).split())}") from None
     if result:  # CSV ends in a newline already; a statement without rows prints nothing

@@ -314,8 +314,13 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
             raise RunError(f"run id {run_id!r} already exists in {root!r} with a different manifest; use "
                            "another --run-id, or --force-new-run to start a new run under a derived id")
         run_id = f"{run_id}-{digest[:8]}"
-    connect_ray(address)
-    store.write_run(run_id, manifest.to_yaml(), manifest_hash=digest)
-    summary = Scheduler(manifest, store, run_id, progress).run()
-    store.finish_run(run_id, "finished" if summary.complete else "incomplete")
+    lease = store.acquire_run(run_id)  # before Ray: a second driver of this run is refused at once
+    with lease.kept_alive():
+        connect_ray(address)
+        # the run id actually used (--run-id, --force-new-run), not the one the file named
+        store.write_run(run_id, manifest.model_copy(update={"run_id": run_id}).to_yaml(), manifest_hash=digest)
+        summary = Scheduler(manifest, store, run_id, progress).run()
+        if lease.lost:
+            raise RunError(str(lease.lost))
+        store.finish_run(run_id, "finished" if summary.complete else "incomplete")
     return summary

@@ -134,7 +134,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
 
     def run_manifest(manifest, *, out, run_id, address, force_new_run):
         calls.append((manifest.run_id, out, run_id, address, force_new_run))
-        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed)
+        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed,
+                                     units_skipped=0)
 
     # jobs.runner is the lead's; the CLI only needs its run_manifest
     monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=run_manifest))
@@ -145,7 +146,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
     lines = out.splitlines()
     assert lines[0].split() == ["model", "dataset", "method", "metric", "value", "n"]
     assert lines[2].split() == ["sandbox", "sandbox-heldout-regular", "fsour", "asr", "0.75", "8"]
-    assert f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed}/3 units ok, {failed} failed" in lines
+    assert (f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed} units ok, 0 skipped (done earlier), "
+            f"{failed} failed, of 3") in lines
     assert lines[-1] == f'explore: moesafe query "select * from metrics where run_id = \'{RUN}\'" --out {store_root}'
 
 
