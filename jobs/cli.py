@@ -4,7 +4,7 @@
     moesafe models                            supported MoE families
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
-    moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID]
+    moesafe submit MANIFEST --address http://HEAD:8265 --out s3://... [--run-id ID]
     moesafe status [--out ROOT] [--run-id ID]
     moesafe query "SQL" [--out ROOT] [--format table|csv|json]
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 import sys
@@ -191,13 +192,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     manifest = load_manifest(manifest_path)
     out = args.out or manifest.out
     run_id = _checked_run_id(args.run_id or manifest.run_id)
+    if not out.startswith("s3://") and not os.path.isabs(out):
+        # relative to the job's working directory: a copy in Ray's per-job cache on the node that runs it
+        raise CliError(f"result root {out!r} would be inside the job's copy of the project on the cluster, where "
+                       f"neither `moesafe status` nor `moesafe query` can find it: pass --out s3://bucket/prefix "
+                       f"(or an absolute path on a disk the cluster's nodes share)")
     if not out.startswith("s3://"):
-        print(f"note: results go to {out!r} on the cluster's head node; pass --out s3://bucket/prefix to query "
-              f"them from here", file=sys.stderr)
+        print(f"note: results go to {out} on the node that runs the job (the head, unless it is busy); "
+              f"pass --out s3://bucket/prefix to query them from here", file=sys.stderr)
     try:
         client = JobSubmissionClient(args.address)
     except AuthenticationError:
-        raise CliError(_TOKEN_HELP.format(address=args.address)) from None
+        raise CliError(TOKEN_HELP.format(address=args.address)) from None
     except ConnectionError:
         raise CliError(f"cannot reach a Ray cluster's dashboard at {args.address}: is the cluster up and is that "
                        f"its head's dashboard address (http://HEAD:8265)? For a cluster started with "
@@ -222,7 +228,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 # Ray 2.59+ clusters started with `ray start` require a token unless RAY_AUTH_MODE=disabled.
-_TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token, "
+TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token, "
                "with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
 
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
-from tqdm import tqdm
-
 from core.models import describe_model, resolve_model_path
 from core.store import ResultStore, model_slug
-from jobs.cli import CliError
+from jobs.cli import TOKEN_HELP, CliError
 from jobs.execute import execute_driver_unit
+from jobs.progress import RunProgress
 from jobs.units import PLANS, PlanContext, WorkUnit
 
 UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
@@ -55,6 +54,7 @@ class _Plan:
     stages: Iterator[list[WorkUnit]]
     pending: set[str] = field(default_factory=set)
     finished: bool = False
+    stage: int = 0  # stages yielded so far
 
 
 @dataclass
@@ -69,6 +69,7 @@ class _Model:
     in_flight: dict = field(default_factory=dict)  # object ref -> (unit, attempt, plan, actor)
     ok: int = 0
     failed: int = 0
+    skipped: int = 0  # done in an earlier attempt of this run
 
     @property
     def done(self) -> bool:
@@ -106,6 +107,27 @@ def _check_reachable(address: str) -> None:
         raise RunError(f"cannot reach the Ray cluster at {address!r}: nothing answers at {host}:{port} "
                        f"({e.strerror or type(e).__name__}). Start it (`ray start --head`), check the "
                        "address, or leave out --address (and unset RAY_ADDRESS) to run on a local cluster") from None
+    if not address.startswith("ray://"):  # the Ray client port speaks another protocol
+        _check_token_accepted(address, f"{host}:{port}")
+
+
+def _check_token_accepted(address: str, target: str) -> None:
+    """RunError saying a token is needed when the cluster's GCS refuses this process's credentials
+    (ray.init would retry for half a minute of warnings, then call the cluster unreachable)."""
+    import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import \
+        _get_authentication_metadata_tuple
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S,
+                metadata=_get_authentication_metadata_tuple())
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise RunError(TOKEN_HELP.format(address=address)) from None
+            # anything else: ray.init reports it
 
 
 class Scheduler:
@@ -113,7 +135,7 @@ class Scheduler:
         self.manifest, self.store, self.run_id = manifest, store, run_id
         self.done_before = store.done_units(run_id)
         self.summary = RunSummary(run_id, store.root)
-        self.bar = tqdm(total=0, unit="unit", desc=run_id, disable=not progress, dynamic_ncols=True)
+        self.bar = RunProgress(run_id, progress)
         # records carry the manifest's dataset name, so every table is keyed by what the user named
         self.prompts = {name: [dataclasses.replace(p, dataset=name) for p in spec.load()]
                         for name, spec in manifest.datasets.items()}
@@ -178,12 +200,15 @@ class Scheduler:
             for model in active:
                 self._advance(model)
                 self._dispatch(model)
+            if not waiting and all(plan.finished for model in active for plan in model.plans):
+                self.bar.final()
             self._collect(active)
             for model in [m for m in active if m.done]:
                 active.remove(model)
                 for actor in model.actors:
                     ray.kill(actor)
-                self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.failed} failed")
+                self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.skipped} skipped (done "
+                               f"earlier), {model.failed} failed")
         self.bar.close()
         self.summary.seconds = time.perf_counter() - start
         return self.summary
@@ -222,23 +247,26 @@ class Scheduler:
         """Move every plan whose stage is complete to its next stage (reading the store)."""
         for plan in model.plans:
             while not plan.finished and not plan.pending:
+                label = f"{model.entry.name}/{plan.ctx.method}"
                 try:
                     units = next(plan.stages)
                 except StopIteration:
                     plan.finished = True
+                    self.bar.finished(label)
                     break
-                self.bar.total += len(units)
+                plan.stage += 1
+                self.bar.planned(label, plan.stage, len(units))
                 self.summary.units_total += len(units)
                 for unit in units:
                     if unit.unit_id in self.done_before:
                         self.summary.units_skipped += 1
-                        self.bar.update(1)
+                        model.skipped += 1
+                        self.bar.done()
                     elif unit.on_driver:
                         self._run_on_driver(model, plan, unit)
                     else:
                         plan.pending.add(unit.unit_id)
                         model.queue.append((unit, 1, plan))
-                self.bar.refresh()
 
     def _run_on_driver(self, model: _Model, plan: _Plan, unit: WorkUnit) -> None:
         start = time.perf_counter()
@@ -296,7 +324,7 @@ class Scheduler:
         else:
             model.failed += 1
             self.summary.units_failed += 1
-        self.bar.update(1)
+        self.bar.done()
 
 
 def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None, address: str | None = None,

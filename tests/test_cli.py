@@ -164,7 +164,8 @@ def test_run_refuses_a_bad_manifest_before_any_work(capsys, tmp_path, monkeypatc
 
 
 def test_submit_to_an_unreachable_address_names_it(capsys):
-    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
+                             "--out", "s3://bucket/results")
     assert (code, out) == (EXIT_BAD_INPUT, "")
     assert "moesafe submit: error: cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
@@ -174,6 +175,19 @@ def test_submit_needs_the_manifest_inside_the_project(capsys, tmp_path):
     shutil.copy(QUICKSTART, outside)
     code, _, err = moesafe(capsys, "submit", str(outside), "--address", "http://127.0.0.1:9")
     assert code == EXIT_BAD_INPUT and "is outside the project directory" in err
+
+
+def test_submit_needs_a_result_root_the_cluster_and_this_machine_can_find(capsys):
+    # The quickstart's `out` is the relative "results": on the cluster, inside Ray's per-job copy.
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert err == ("moesafe submit: error: result root 'results' would be inside the job's copy of the project on "
+                   "the cluster, where neither `moesafe status` nor `moesafe query` can find it: pass --out "
+                   "s3://bucket/prefix (or an absolute path on a disk the cluster's nodes share)\n")
+    code, _, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
+                           "--out", "/shared/results")
+    assert code == EXIT_BAD_INPUT and "note: results go to /shared/results on the node that runs the job" in err
+    assert "cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
 
 SCRIPT = Path(sys.executable).parent / "moesafe"

@@ -313,3 +313,74 @@ def test_an_overlong_run_id_is_refused_before_ray_and_writes_nothing(tmp_path, c
     err = capsys.readouterr().err
     assert "  run_id: 'rrrr" in err and "is too long (300 characters)" in err
     assert not out.exists() and not ray.is_initialized()
+
+
+TOKEN_CLUSTER = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes it; ray.shutdown at exit stops the cluster's processes
+"""
+
+
+def test_a_cluster_that_needs_a_token_says_so(tmp_path):
+    import secrets
+    import subprocess
+    import sys
+
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    (tmp_path / "head-home").mkdir()
+    (tmp_path / "client-home").mkdir()
+    head = subprocess.Popen([sys.executable, "-c", TOKEN_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**env, "HOME": str(tmp_path / "head-home"), "RAY_AUTH_MODE": "token",
+                                 "RAY_AUTH_TOKEN": token})
+    try:
+        address = head.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:") or ":" in address, address
+        client = {**env, "HOME": str(tmp_path / "client-home")}
+        out = tmp_path / "out"
+        run = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(write_manifest(tmp_path, "sandbox")),
+                              "--address", address, "--out", str(out)], capture_output=True, text=True, env=client,
+                             timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.splitlines()[-1] == (
+            f"moesafe run: error: the Ray cluster at {address} requires its authentication token: set "
+            f"RAY_AUTH_MODE=token, with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on "
+            f"the head prints it)")
+        assert "unreachable" not in run.stderr and "Failed to get cluster ID" not in run.stderr
+        # With the token, the same check lets the driver through.
+        probe = subprocess.run([sys.executable, "-c", f"from jobs.runner import _check_reachable; "
+                                f"_check_reachable({address!r}); print('accepted')"], capture_output=True, text=True,
+                               env={**client, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=120)
+        assert probe.stdout.strip() == "accepted", probe.stderr
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+# -- honest progress -------------------------------------------------------------------------------
+
+def test_progress_shows_stages_and_no_percentage_or_eta_until_the_total_is_final():
+    from jobs.progress import RunProgress
+
+    progress = RunProgress("nightly")
+    progress.planned("sandbox/fsour", stage=1, units=8)
+    progress.planned("sandbox/rosais", stage=1, units=16)
+    for _ in range(20):
+        progress.done()
+    shown = str(progress.bar)
+    assert shown.startswith("nightly: 20/24+ units planned so far [")
+    assert "sandbox/fsour stage 1, sandbox/rosais stage 1" in shown and "%" not in shown and "<" not in shown
+    progress.planned("sandbox/fsour", stage=2, units=3)
+    progress.finished("sandbox/rosais")
+    shown = str(progress.bar)
+    assert "20/27+" in shown and "sandbox/fsour stage 2" in shown and "rosais" not in shown
+    progress.finished("sandbox/fsour")
+    progress.final()
+    assert str(progress.bar).startswith("nightly:  74%|") and "20/27 [" in str(progress.bar)
+    progress.close()
