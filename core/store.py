@@ -23,7 +23,8 @@ One driver at a time writes a run: `acquire_run` takes the run's lease, an objec
 is created only if absent and replaced only if unchanged since read (S3: conditional PUTs,
 If-None-Match / If-Match; local disks: the same compare-and-swap under an flock), so two
 drivers can never both hold it. The holder renews it while it runs (`RunLease.kept_alive`); a
-driver that died stops renewing, and after the expiry the next driver takes the lease over.
+driver that died stops renewing, and after the expiry the next driver takes the lease over (at
+once when the dead driver ran on the same host: its pid is gone).
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ class ResultStore:
                          ttl_s=ttl_s)
         for _ in range(3):  # a lost race re-reads the lease, which then names the winner
             holder, version = self._lease_read(run_id)
-            if holder is not None and _expires_at(holder) > _now():
+            if holder is not None and _expires_at(holder) > _now() and not _died_here(holder):
                 raise RunHeldError(
                     f"run id {run_id!r} in {self.root!r} is being run by another driver: {holder['host']} pid "
                     f"{holder['pid']}, since {holder['acquired_at']}; its lease expires at {holder['expires_at']} "
@@ -465,6 +466,20 @@ class RunLease:
 
 def _expires_at(record: Mapping[str, Any]) -> datetime:
     return datetime.fromisoformat(record["expires_at"])
+
+
+def _died_here(holder: Mapping[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone: its lease need not run out first (a
+    driver killed and restarted at once). A reused pid only makes the next driver wait."""
+    if holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _precondition_failed(error: OSError) -> bool:

@@ -384,3 +384,20 @@ def test_progress_shows_stages_and_no_percentage_or_eta_until_the_total_is_final
     progress.final()
     assert str(progress.bar).startswith("nightly:  74%|") and "20/27 [" in str(progress.bar)
     progress.close()
+
+
+def test_a_lease_of_a_killed_driver_on_this_host_is_taken_over_at_once(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "results")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from core.store import ResultStore; "
+                               f"ResultStore({root!r}).acquire_run('nightly'); print('held', flush=True); "
+                               "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(RunHeldError, match=f"pid {holder.pid},"):
+        ResultStore(root).acquire_run("nightly")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    ResultStore(root).acquire_run("nightly").release()  # well before its 60 s expiry
