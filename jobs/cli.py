@@ -241,7 +241,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CliError(f"no runs under {store.root}: pass the result root of a run with --out")
     where = f"where r.run_id = '{_checked_run_id(args.run_id)}'" if args.run_id else ""
     print(run_query(
-        "select r.run_id, r.status, r.started_at, r.ended_at, "
+        "select r.run_id, r.status, coalesce(len(r.attempts), 1) as attempts, r.started_at, r.ended_at, "
         "count(u.unit_id) filter (where u.status = 'ok') as units_ok, "
         "count(u.unit_id) filter (where u.status = 'failed') as units_failed "
         f"from runs r left join units u on u.run_id = r.run_id {where} "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
+
 from core.models import describe_model, resolve_model_path
 from core.store import ResultStore, model_slug
 from jobs.cli import TOKEN_HELP, CliError

@@ -113,8 +113,8 @@ def test_status_shows_runs_units_and_failures(capsys, store_root):
     code, out, err = moesafe(capsys, "status", "--out", store_root)
     assert (code, err) == (0, "")
     header, _, row, *rest = out.splitlines()
-    assert header.split() == ["run_id", "status", "started_at", "ended_at", "units_ok", "units_failed"]
-    assert row.split()[:2] == [RUN, "running"] and row.split()[-2:] == ["2", "1"]
+    assert header.split() == ["run_id", "status", "attempts", "started_at", "ended_at", "units_ok", "units_failed"]
+    assert row.split()[:3] == [RUN, "running", "1"] and row.split()[-2:] == ["2", "1"]
     assert "failed units (1):" in rest
     assert (f"  {RUN} sandbox fsour-0001 (fsour, 3 attempts): RuntimeError: CUDA out of memory") in rest
 
