@@ -300,8 +300,12 @@ class ResultStore:
         try:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
         except OSError as error:
-            if not _precondition_failed(error):
-                raise
+            if _precondition_failed(error):
+                return
+            # a server without conditional deletes: compare, then delete (a takeover in between is
+            # only possible after this lease expired)
+            if self._lease_read(run_id)[1] == version:
+                self.fs.rm_file(path)
 
     @staticmethod
     @contextlib.contextmanager
