@@ -198,7 +198,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                        f"neither `moesafe status` nor `moesafe query` can find it: pass --out s3://bucket/prefix "
                        f"(or an absolute path on a disk the cluster's nodes share)")
     if not out.startswith("s3://"):
-        print(f"note: results go to {out} on the node that runs the job (the head, unless it is busy); "
+        print(f"note: results go to {out} on the cluster's head node, where the job's driver runs; "
               f"pass --out s3://bucket/prefix to query them from here", file=sys.stderr)
     try:
         client = JobSubmissionClient(args.address)
@@ -229,7 +229,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 # Ray 2.59+ clusters started with `ray start` require a token unless RAY_AUTH_MODE=disabled.
 TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token, "
-               "with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+              "with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

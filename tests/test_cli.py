@@ -186,7 +186,7 @@ def test_submit_needs_a_result_root_the_cluster_and_this_machine_can_find(capsys
                    "s3://bucket/prefix (or an absolute path on a disk the cluster's nodes share)\n")
     code, _, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
                            "--out", "/shared/results")
-    assert code == EXIT_BAD_INPUT and "note: results go to /shared/results on the node that runs the job" in err
+    assert code == EXIT_BAD_INPUT and "note: results go to /shared/results on the cluster's head node" in err
     assert "cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
 
