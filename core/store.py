@@ -21,7 +21,7 @@ the unit again, whose retry overwrites the same file names, so no row is ever du
 One driver at a time writes a run: `acquire_run` takes the run's lease, an object at
 `<root>/_leases/<run_id>.json` naming its holder (host, pid, a random token) and an expiry. It
 is created only if absent and replaced only if unchanged since read (S3: conditional PUTs,
-If-None-Match / If-Match; local disks: the same compare-and-swap under an flock), so two
+If-None-Match / If-Match; local disks: the same compare-and-swap under an flock of the root), so two
 drivers can never both hold it. The holder renews it while it runs (`RunLease.kept_alive`); a
 driver that died stops renewing, and after the expiry the next driver takes the lease over (at
 once when the dead driver ran on the same host: its pid is gone).
@@ -274,7 +274,7 @@ class ResultStore:
         path = self._lease_path(run_id)
         data = json.dumps(record).encode()
         if self.is_local:
-            with self._lease_lock(path):
+            with self._lease_lock():
                 if self._lease_read(run_id)[1] != version:
                     raise _Conflict
                 self._put_bytes(path, data)
@@ -292,9 +292,11 @@ class ResultStore:
         """Delete the lease if it is still at `version` (a lease taken over stays)."""
         path = self._lease_path(run_id)
         if self.is_local:
-            with self._lease_lock(path):
+            with self._lease_lock():
                 if self._lease_read(run_id)[1] == version:
                     os.remove(path)
+                    with contextlib.suppress(OSError):  # left only while some run holds a lease
+                        os.rmdir(os.path.dirname(path))
             return
         bucket, key, _ = self.fs.split_path(path)
         try:
@@ -307,15 +309,17 @@ class ResultStore:
             if self._lease_read(run_id)[1] == version:
                 self.fs.rm_file(path)
 
-    @staticmethod
     @contextlib.contextmanager
-    def _lease_lock(path: str):
-        """An exclusive flock beside the lease: makes read-compare-write one step on a local disk.
-        Held for milliseconds, and freed by the kernel if its process dies."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def _lease_lock(self):
+        """An exclusive flock on the root directory: makes a lease's read-compare-write one step on
+        a local disk, and leaves no file behind. Held for milliseconds, freed by the kernel if its
+        process dies."""
+        descriptor = os.open(self._base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(descriptor)  # releases the flock
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -424,9 +428,11 @@ class RunLease:
         self.lost: LeaseLostError | None = None  # set when a renewal found the lease taken over
 
     def record(self) -> dict[str, Any]:
+        """The lease as stored, expiring ttl_s from now (kept in `expires_at`)."""
+        self.expires_at = _now() + timedelta(seconds=self.ttl_s)
         return {"run_id": self.run_id, "token": self.token, "host": self.host, "pid": self.pid,
                 "acquired_at": self.acquired_at.isoformat(timespec="milliseconds"),
-                "expires_at": (_now() + timedelta(seconds=self.ttl_s)).isoformat(timespec="milliseconds")}
+                "expires_at": self.expires_at.isoformat(timespec="milliseconds")}
 
     def renew(self) -> None:
         """Push the expiry forward; LeaseLostError if another driver took the lease over."""

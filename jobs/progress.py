@@ -24,6 +24,7 @@ class RunProgress:
         self.bar = tqdm(total=0, unit="unit", desc=run_id, disable=not enabled, dynamic_ncols=True,
                         bar_format=_OPEN_FORMAT)
         self.stages: dict[str, int] = {}  # "model/method" -> the stage it is in (1-based)
+        self.total_final = False
 
     def planned(self, plan: str, stage: int, units: int) -> None:
         """`plan` ("model/method") yielded its stage number `stage` with `units` units."""
@@ -42,8 +43,9 @@ class RunProgress:
 
     def final(self) -> None:
         """Every plan has yielded its last stage: the total is the run's, and the ETA means something."""
-        if self.bar.bar_format == _OPEN_FORMAT:
-            self.bar.bar_format = None
+        if not self.total_final:
+            self.total_final = True
+            self.bar.bar_format = None  # tqdm's default: percentage, bar and ETA
             self.bar.refresh()
 
     def write(self, message: str) -> None:

@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,10 @@ def test_a_run_id_is_held_by_one_driver_at_a_time(root):
 
 
 def test_a_dead_drivers_lease_is_taken_over_after_it_expires(root):
-    dead = ResultStore(root).acquire_run("nightly", ttl_s=0.2)  # its driver "dies": never renews
+    dead = ResultStore(root).acquire_run("nightly", ttl_s=3)  # its driver "dies": never renews
     with pytest.raises(RunHeldError):
         ResultStore(root).acquire_run("nightly")
-    time.sleep(0.5)
+    time.sleep((dead.expires_at - datetime.now(timezone.utc)).total_seconds() + 0.1)
     successor = ResultStore(root).acquire_run("nightly")
     # The old holder, waking up, learns it lost the run and cannot take it back by renewing.
     with pytest.raises(LeaseLostError, match=f"now held by {socket.gethostname()} pid {os.getpid()}"):
@@ -53,9 +54,11 @@ def test_a_dead_drivers_lease_is_taken_over_after_it_expires(root):
 
 
 def test_the_holder_renews_its_lease_while_it_runs(root):
-    lease = ResultStore(root).acquire_run("nightly", ttl_s=0.6)
+    lease = ResultStore(root).acquire_run("nightly", ttl_s=3)
+    first_expiry = lease.expires_at
     with lease.kept_alive():
-        time.sleep(1.5)  # past the first expiry: only the renewals keep it held
+        time.sleep(4)  # past the first expiry: only the renewals (every second) keep it held
+        assert lease.expires_at > first_expiry
         with pytest.raises(RunHeldError):
             ResultStore(root).acquire_run("nightly")
     assert lease.lost is None
@@ -93,12 +96,12 @@ def test_a_resumed_run_keeps_its_first_start_records_each_attempt_and_says_what_
     manifest.write_text(SHORT.format(top_n=4))
     assert main(["run", str(manifest), "--out", str(root), "--run-id", "again"]) == 0
     first = capsys.readouterr().out
-    assert "run again: complete, 2 units ok, 0 skipped (done earlier), 0 failed, of 2" in first
+    assert "run again: complete, 4 units ok, 0 skipped (done earlier), 0 failed, of 4" in first
     (row,) = ResultStore(str(root), read_only=True).read_table("runs", run_id="again").to_pylist()
 
     assert main(["run", str(manifest), "--out", str(root), "--run-id", "again"]) == 0
     again = capsys.readouterr().out
-    assert "run again: already complete: all 2 units were done earlier, nothing ran" in again
+    assert "run again: already complete: all 4 units were done earlier, nothing ran" in again
     (rerun,) = ResultStore(str(root), read_only=True).read_table("runs", run_id="again").to_pylist()
     assert yaml.safe_load(rerun["manifest"])["run_id"] == "again"  # not the file's own m-<hash>
     assert rerun["started_at"] == row["started_at"] and rerun["status"] == "finished"
