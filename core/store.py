@@ -59,7 +59,7 @@ MAX_ID_LENGTH = 128
 # A run's lease lasts this long unless renewed; its holder renews it every third of that.
 LEASE_TTL_S = 60.0
 # Environment variables whose values must never reach a stored manifest.
-_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 class StoreError(RuntimeError):
@@ -518,7 +518,7 @@ def _check_id(kind: str, value: Any) -> None:
 def _check_no_secrets(manifest: str) -> None:
     for name, value in os.environ.items():
         # Short values ("1", "us-east-1") match by accident; secrets are long.
-        if _SECRET_NAME.search(name) and len(value) >= 8 and value in manifest:
+        if SECRET_NAME.search(name) and len(value) >= 8 and value in manifest:
             raise StoreError(f"the manifest contains the value of environment variable {name}; refusing to "
                              f"store it. Name the variable in the manifest instead of pasting its value")
 

@@ -2,6 +2,7 @@
 
     moesafe sandbox [--json] [--force]        build (once) and evaluate the sandbox model
     moesafe models                            supported MoE families
+    moesafe methods                           the registered methods, their datasets, tables and params
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
     moesafe submit MANIFEST --address http://HEAD:8265 --out s3://... [--run-id ID]
@@ -22,16 +23,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from jobs.errors import TOKEN_HELP, CliError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
 # Left out of the working directory uploaded with a submitted job: environments, history, caches.
 SUBMIT_EXCLUDES = [".venv", ".git", "results", ".cache"]
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
-
-
-class CliError(Exception):
-    """Bad input that the user can fix; main prints it on one line and exits 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
 
     command("models", cmd_models, "list the supported MoE families")
+    command("methods", cmd_methods, "list the methods a manifest can name, with their params and defaults")
 
     manifest_args(command("validate", cmd_validate, "check a manifest and what it points at, running nothing"))
 
@@ -125,6 +125,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from core.methods import METHODS, get_method
+
+    for name in METHODS:
+        method = get_method(name)
+        if method.roles == ("dataset",):
+            datasets = "dataset: <name>"
+        else:
+            roles = [*method.roles, *(f"{role} (optional)" for role in method.optional_roles)]
+            datasets = f"datasets: {', '.join(roles)}"
+        target = "; every prompt needs a target" if method.needs_target else ""
+        print(f"{name}: {datasets}{target}; writes {', '.join((*method.tables, 'metrics'))}")
+        print(f"  params: {', '.join(f'{f.name}={f.default!r}' for f in dataclasses.fields(method.params))}")
+    return 0
+
+
 def _selection_rule(select: Callable, model_types: set[str]) -> str:
     """The first paragraph of a family's select_* docstring (core.families, the one place the rules
     are written), without the list of families some of them start with."""
@@ -157,8 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           force_new_run=args.force_new_run)
     # the store accepts only file-safe run ids ([A-Za-z0-9._-]), so quoting one into SQL is safe
     where = f"run_id = '{result.run_id}'"
-    print(run_query(f"select model, dataset, method, metric, value, n from metrics where {where} "
-                    f"order by model, method, dataset, metric", result.out))
+    print(run_query(f"select model, dataset, method, judge, metric, value, n from metrics where {where} "
+                    f"order by model, method, dataset, judge, metric", result.out))
     print(f"\nrun {result.run_id}: {_outcome(result)}")
     out = shlex.quote(str(result.out))
     if result.units_failed:
@@ -225,11 +243,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
           f"  follow:  ray job logs --follow --address {args.address} {job_id}\n"
           f"  results: moesafe status --out {shlex.quote(out)} --run-id {run_id}", file=sys.stderr)
     return 0
-
-
-# Ray 2.59+ clusters started with `ray start` require a token unless RAY_AUTH_MODE=disabled.
-TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token: set RAY_AUTH_MODE=token, "
-              "with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
