@@ -608,7 +608,7 @@ def _context_and_tokenizer(model: ModelSpec) -> tuple[int, Any] | None:
     hub cache; None for s3:// models (the check would download them) and a sandbox not built yet."""
     from transformers import AutoTokenizer
 
-    from core.models import load_config, resolve_path
+    from core.models import SANDBOX, load_config, resolve_path
 
     if model.path.startswith("s3://"):
         return None
