@@ -152,7 +152,7 @@ def query_root(tmp_path) -> dict[str, str]:
     root = tmp_path / "results"
     store = ResultStore(str(root))
     store.write_unit(RUN, "sandbox", "fsour-0000", {"metrics": [
-        dict(dataset="d", method="fsour", metric="asr", value=1.0, n=8)]},
+        dict(dataset="d", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr", value=1.0, n=8)]},
         {"method": "fsour", "kind": "fsour_metrics", "status": "ok", "attempts": 1, "seconds": 1.0, "error": None})
     for outside in (tmp_path / "outside", tmp_path / "results-sibling"):
         outside.mkdir()
@@ -213,7 +213,7 @@ def test_query_over_s3_is_confined_to_its_prefix(s3_bucket):
 
     root = f"s3://{s3_bucket}/results"
     ResultStore(root).write_unit("r1", "sandbox", "u1", {"metrics": [
-        dict(dataset="d", method="fsour", metric="asr", value=0.5, n=2)]},
+        dict(dataset="d", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr", value=0.5, n=2)]},
         {"method": "fsour", "kind": "fsour_metrics", "status": "ok", "attempts": 1, "seconds": 1.0, "error": None})
     s3fs.S3FileSystem().pipe_file(f"{s3_bucket}/private/secret.csv", b"a\n1\n")
     assert run_query("select value from metrics", root, "csv") == "value\n0.5\n"
