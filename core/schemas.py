@@ -85,8 +85,14 @@ def _table(name: str, version: int, description: str, fields: list[pa.Field]) ->
     return TableSchema(name, version, pa.schema(fields, metadata=metadata), description)
 
 
+# One start of a run's driver (the first, or a resume): when, where, and how it ended.
+_RUN_ATTEMPT = pa.struct([
+    _col("started_at", _TS), _col("ended_at", _TS, nullable=True), _col("status", pa.string()),
+    _col("host", pa.string()), _col("pid", pa.int64()),
+])
+
 _ALL = [
-    _table(RUNS_TABLE, 1, "one row per run; rewritten when the run ends", [
+    _table(RUNS_TABLE, 2, "one row per run; rewritten when an attempt starts and ends", [
         _col("run_id", pa.string()),
         _col("manifest", pa.string()),            # the manifest as YAML text, secrets never included
         _col("manifest_hash", pa.string()),       # sha256 hex of `manifest` unless given
@@ -94,6 +100,7 @@ _ALL = [
         _col("started_at", _TS),
         _col("ended_at", _TS, nullable=True),
         _col("status", pa.string()),              # running / finished / failed / ...
+        _col("attempts", pa.list_(_RUN_ATTEMPT), nullable=True),  # v2: each start, first to last
         _SCHEMA_VERSION,
     ]),
     _table(UNITS_TABLE, 1, "one row per finished unit; written last, it commits the unit's rows", [

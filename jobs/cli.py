@@ -6,7 +6,7 @@
     moesafe params [METHOD] [--markdown]      each method's parameters, defaults and meaning
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
-    moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID]
+    moesafe submit MANIFEST --address http://HEAD:8265 --out s3://... [--run-id ID]
     moesafe status [--out ROOT] [--run-id ID]
     moesafe query "SQL" [--out ROOT] [--format table|csv|json]   (`query --help` lists the tables)
     moesafe report [--out ROOT] [--run-id ID ...] [--html FILE] [--compare RUN_A RUN_B]
@@ -29,7 +29,7 @@ from typing import Callable
 
 import yaml
 
-from jobs.errors import CliError
+from jobs.errors import TOKEN_HELP, CliError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
@@ -277,15 +277,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f"run_id = '{result.run_id}'"
     print(run_query(f"select model, dataset, method, judge, metric, value, n from metrics where {where} "
                     f"order by model, method, dataset, judge, metric", result.out))
-    state = "complete" if not result.units_failed else "INCOMPLETE"
-    print(f"\nrun {result.run_id}: {state}, {result.units_ok}/{result.units_total} units ok, "
-          f"{result.units_failed} failed")
+    print(f"\nrun {result.run_id}: {_outcome(result)}")
     out = shlex.quote(str(result.out))
     if result.units_failed:
         print(f"failed units: moesafe status --out {out} --run-id {result.run_id}; "
               f"run the same command again to retry them")
     print(f'explore: moesafe query "select * from metrics where {where}" --out {out}')
     return 0 if not result.units_failed else EXIT_INCOMPLETE
+
+
+def _outcome(result) -> str:
+    """What the run did, counting every unit once: run ok now, done by an earlier attempt, failed."""
+    if result.units_total and result.units_skipped == result.units_total:
+        return f"already complete: all {result.units_total} units were done earlier, nothing ran"
+    state = "complete" if not result.units_failed else "INCOMPLETE"
+    return (f"{state}, {result.units_ok} units ok, {result.units_skipped} skipped (done earlier), "
+            f"{result.units_failed} failed, of {result.units_total}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -300,9 +307,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     manifest = load_manifest(manifest_path)
     out = args.out or manifest.out
     run_id = _checked_run_id(args.run_id or manifest.run_id)
+    if not out.startswith("s3://") and not os.path.isabs(out):
+        # relative to the job's working directory: a copy in Ray's per-job cache on the node that runs it
+        raise CliError(f"result root {out!r} would be inside the job's copy of the project on the cluster, where "
+                       f"neither `moesafe status` nor `moesafe query` can find it: pass --out s3://bucket/prefix "
+                       f"(or an absolute path on a disk the cluster's nodes share)")
     if not out.startswith("s3://"):
-        print(f"note: results go to {out!r} on the cluster's head node; pass --out s3://bucket/prefix to query "
-              f"them from here", file=sys.stderr)
+        print(f"note: results go to {out} on the cluster's head node, where the job's driver runs; "
+              f"pass --out s3://bucket/prefix to query them from here", file=sys.stderr)
     entrypoint = shlex.join(["moesafe", "run", SUBMITTED_MANIFEST, "--out", out, "--run-id", run_id])
     with tempfile.TemporaryDirectory(prefix="moesafe-submit-") as staging:
         _stage_manifest(manifest_path, Path(staging))
@@ -310,7 +322,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             client = JobSubmissionClient(args.address)
         except AuthenticationError:
-            raise CliError(_TOKEN_HELP.format(address=args.address)) from None
+            raise CliError(TOKEN_HELP.format(address=args.address)) from None
         except ConnectionError:
             raise CliError(f"cannot reach a Ray cluster's dashboard at {args.address}: is the cluster up and is "
                            f"that its head's dashboard address (http://HEAD:8265)? For a cluster started with "
@@ -379,12 +391,6 @@ def _use_ray_auth_token() -> None:
         logger.setLevel(level)
 
 
-# Clusters started with `ray start` (Ray 2.59+) require a token unless RAY_AUTH_MODE=disabled.
-_TOKEN_HELP = ("the Ray cluster at {address} requires its authentication token, and the one found here was "
-               "refused or there is none: put the cluster's token (`ray get-auth-token` on the head prints it) in "
-               "~/.ray/auth_token or RAY_AUTH_TOKEN")
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from core.query import run_query
 
@@ -397,7 +403,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                            f"Fix: pass one of them to --run-id, or the result root that run wrote with --out")
     where = f"where r.run_id = '{args.run_id}'" if args.run_id else ""
     print(run_query(
-        "select r.run_id, r.status, r.started_at, r.ended_at, "
+        "select r.run_id, r.status, coalesce(len(r.attempts), 1) as attempts, r.started_at, r.ended_at, "
         "count(u.unit_id) filter (where u.status = 'ok') as units_ok, "
         "count(u.unit_id) filter (where u.status = 'failed') as units_failed "
         f"from runs r left join units u on u.run_id = r.run_id {where} "
@@ -438,10 +444,15 @@ def _checked_run_id(run_id: str) -> str:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from core.query import run_query
+    from core.query import ReadOnlyError, run_query
 
     try:
         result = run_query(args.sql, _result_root(args.out).root, args.format)
+    except ReadOnlyError as error:
+        raise CliError(str(error)) from None
+    except duckdb.PermissionException as error:
+        raise CliError(f"{' '.join(str(error).split())}: queries read only the tables under --out "
+                       f"{args.out}") from None
     except duckdb.Error as error:
         raise CliError(f"{type(error).__name__}: {' '.join(str(error).split())}") from None
     if result:  # CSV ends in a newline already; a statement without rows prints nothing

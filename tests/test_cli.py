@@ -148,8 +148,8 @@ def test_status_shows_runs_units_and_failures(capsys, store_root):
     code, out, err = moesafe(capsys, "status", "--out", store_root)
     assert (code, err) == (0, "")
     header, _, row, *rest = out.splitlines()
-    assert header.split() == ["run_id", "status", "started_at", "ended_at", "units_ok", "units_failed"]
-    assert row.split()[:2] == [RUN, "running"] and row.split()[-2:] == ["2", "1"]
+    assert header.split() == ["run_id", "status", "attempts", "started_at", "ended_at", "units_ok", "units_failed"]
+    assert row.split()[:3] == [RUN, "running", "1"] and row.split()[-2:] == ["2", "1"]
     assert "failed units (1):" in rest
     assert (f"  {RUN} sandbox fsour-0001 (fsour, 3 attempts): RuntimeError: CUDA out of memory") in rest
 
@@ -181,7 +181,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
 
     def run_manifest(manifest, *, out, run_id, address, force_new_run):
         calls.append((manifest.run_id, out, run_id, address, force_new_run))
-        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed)
+        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed,
+                                     units_skipped=0)
 
     # jobs.runner is the lead's; the CLI only needs its run_manifest
     monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=run_manifest))
@@ -192,7 +193,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
     lines = out.splitlines()
     assert lines[0].split() == ["model", "dataset", "method", "judge", "metric", "value", "n"]
     assert lines[2].split() == ["sandbox", "sandbox-heldout-regular", "fsour", "refusal", "asr", "0.75", "8"]
-    assert f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed}/3 units ok, {failed} failed" in lines
+    assert (f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed} units ok, 0 skipped (done earlier), "
+            f"{failed} failed, of 3") in lines
     assert lines[-1] == f'explore: moesafe query "select * from metrics where run_id = \'{RUN}\'" --out {store_root}'
 
 
@@ -217,7 +219,8 @@ def test_run_refuses_a_bad_manifest_before_any_work(capsys, tmp_path, monkeypatc
 
 
 def test_submit_to_an_unreachable_address_names_it(capsys):
-    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
+                             "--out", "s3://bucket/results")
     assert (code, out) == (EXIT_BAD_INPUT, "")
     assert "moesafe submit: error: cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
@@ -231,6 +234,19 @@ def test_submit_names_a_dataset_file_it_cannot_ship(capsys, tmp_path, monkeypatc
     assert (code, out) == (EXIT_BAD_INPUT, "")
     assert (f"moesafe submit: error: datasets.harmful.source: 'prompts/missing.csv' is not a file here (paths are "
             f"read from the current directory, {tmp_path})") in err
+
+
+def test_submit_needs_a_result_root_the_cluster_and_this_machine_can_find(capsys):
+    # The quickstart's `out` is the relative "results": on the cluster, inside Ray's per-job copy.
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert err == ("moesafe submit: error: result root 'results' would be inside the job's copy of the project on "
+                   "the cluster, where neither `moesafe status` nor `moesafe query` can find it: pass --out "
+                   "s3://bucket/prefix (or an absolute path on a disk the cluster's nodes share)\n")
+    code, _, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
+                           "--out", "/shared/results")
+    assert code == EXIT_BAD_INPUT and "note: results go to /shared/results on the cluster's head node" in err
+    assert "cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
 
 SCRIPT = Path(sys.executable).parent / "moesafe"
