@@ -310,8 +310,8 @@ def test_schema_evolution_reads_old_and_new_files_together(store, root, monkeypa
 
     sql = "SELECT unit_id, stderr, schema_version FROM metrics ORDER BY unit_id"
     assert json.loads(run_query(sql, root, "json")) == [
-        {"unit_id": "new", "stderr": 0.05, "schema_version": 2},
-        {"unit_id": "old", "stderr": None, "schema_version": 1}]
+        {"unit_id": "new", "stderr": 0.05, "schema_version": v1.version + 1},
+        {"unit_id": "old", "stderr": None, "schema_version": v1.version}]
     by_unit = {r["unit_id"]: r for r in store.read_table("metrics").to_pylist()}
     assert by_unit["old"]["stderr"] is None and by_unit["new"]["stderr"] == 0.05
     old_file = os.path.join(root, "metrics", f"model={SLUG}", f"run={RUN}", "old.parquet")
