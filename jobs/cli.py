@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     sub.add_argument("--force-new-run", action="store_true",
                      help="start the run id afresh instead of resuming it")
+    sub.add_argument("--wait-timeout", type=float, default=30.0, metavar="MINUTES",
+                     help="give up when nothing of the run has been placed for this long, e.g. while the "
+                          "autoscaler adds nodes (default: 30)")
+    sub.add_argument("--no-reuse", action="store_true",
+                     help="recompute units that another run under the same --out already computed")
 
     sub = command("submit", cmd_submit, "submit `moesafe run MANIFEST` to a Ray cluster as a job")
     manifest_args(sub)
@@ -153,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(Path(args.manifest))
     check_manifest(manifest, out=args.out)
     result = run_manifest(manifest, out=args.out or manifest.out, run_id=run_id, address=args.address,
-                          force_new_run=args.force_new_run)
+                          force_new_run=args.force_new_run, wait_timeout_s=args.wait_timeout * 60,
+                          reuse=not args.no_reuse)
     # the store accepts only file-safe run ids ([A-Za-z0-9._-]), so quoting one into SQL is safe
     where = f"run_id = '{result.run_id}'"
     print(run_query(f"select model, dataset, method, metric, value, n from metrics where {where} "
