@@ -82,6 +82,7 @@ class _Model:
     key: dict[str, Any]
     plans: list[_Plan]
     replicas: list[_Replica] = field(default_factory=list)
+    requested: bool = False  # its replicas asked for
     replacements_left: int = 0
     lost: str | None = None  # why no replica is left, once none is
     queue: deque = field(default_factory=deque)  # (unit, attempt, plan)
@@ -229,9 +230,6 @@ class Scheduler:
         start = time.perf_counter()
         try:
             active = [m for m in map(self._model, self.manifest.models) if m is not None]
-            for model in active:
-                for _ in range(model.entry.replicas):
-                    self._add_replica(model)
             while active:
                 self._place(active)
                 for model in active:
@@ -283,6 +281,10 @@ class Scheduler:
         from actors.model_worker import ModelWorker
 
         for model in active:
+            if model.queue and not model.requested:  # asked for once it has work: reused units need none
+                model.requested = True
+                for _ in range(model.entry.replicas):
+                    self._add_replica(model)
             for replica in model.replicas:
                 if replica.actor is None and _placed(replica.group):
                     replica.actor = (ModelWorker.options(**self._in_group(self._bundle(model.entry), replica.group))
@@ -415,7 +417,8 @@ class Scheduler:
 
     def _collect(self, active: list[_Model]) -> None:
         refs = {ref: model for model in active for ref in model.in_flight}
-        if not refs:
+        if not refs:  # waiting for replicas to be placed
+            time.sleep(0.2)
             return
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
         for ref in ready:
