@@ -3,8 +3,9 @@
     moesafe sandbox [--json] [--force]        build (once) and evaluate the sandbox model
     moesafe models                            supported MoE families
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
-    moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
-    moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID]
+    moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run] [--wait-timeout MIN]
+                 [--no-reuse]
+    moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID] [--env NAME]...
     moesafe status [--out ROOT] [--run-id ID]
     moesafe query "SQL" [--out ROOT] [--format table|csv|json]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 import sys
@@ -91,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     manifest_args(sub)
     sub.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
     sub.add_argument("--run-id", help="default: the manifest's run_id, else <file stem>-<hash>")
+    sub.add_argument("--env", action="append", default=[], metavar="NAME",
+                     help="pass this environment variable (e.g. a judge's API key) to the job's processes in its "
+                          "runtime env; shown to whoever can open the cluster's dashboard (see README)")
+    sub.add_argument("--wait-timeout", type=float, default=30.0, metavar="MINUTES",
+                     help="as for `moesafe run`: how long the job waits for nodes")
 
     sub = command("status", cmd_status, "runs, their units by status, and failed units' errors")
     out_arg(sub)
@@ -202,12 +209,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
                        f"its head's dashboard address (http://HEAD:8265)? For a cluster started with "
                        f"`ray up cluster.yaml`, `ray dashboard cluster.yaml` forwards it to "
                        f"http://127.0.0.1:8265") from None
+    missing = [name for name in args.env if not os.environ.get(name)]
+    if missing:
+        raise CliError(f"--env {missing[0]}: that variable is not set here, so there is nothing to pass; "
+                       f"export it first")
+    env_vars = {name: os.environ[name] for name in args.env}
     entrypoint = shlex.join(["moesafe", "run", str(manifest_path.relative_to(PROJECT_ROOT)),
-                             "--out", out, "--run-id", run_id])
+                             "--out", out, "--run-id", run_id, "--wait-timeout", str(args.wait_timeout)])
     for wait in (1, 2, 4, 8, 16, 0):  # a just-started head answers "no available agent" for a few seconds
         try:
             job_id = client.submit_job(entrypoint=entrypoint,
-                                       runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES})
+                                       runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": SUBMIT_EXCLUDES,
+                                                    **({"env_vars": env_vars} if env_vars else {})})
             break
         except RuntimeError as e:
             if "No available agent" not in str(e) or not wait:

@@ -72,8 +72,17 @@ class _Plan:
 @dataclass
 class _Replica:
     group: Any  # its placement group
-    requested: float  # time.monotonic() when the group was asked for
+    requested: float = field(default_factory=time.monotonic)  # when the group was asked for
     actor: Any = None  # created once the group is placed
+    ready: Any = None  # the group's ready() reference, asked for once
+
+    def __post_init__(self):
+        self.ready = self.group.ready()
+
+    @property
+    def placed(self) -> bool:
+        done, _ = ray.wait([self.ready], timeout=0)
+        return bool(done)
 
 
 @dataclass
@@ -166,7 +175,7 @@ class Scheduler:
             if spec.type == "classifier":  # a judge model: its own replica, counted like a model's
                 bundle = {"CPU": 1.0, "GPU": self._classifier_gpus(settings.get("device", "auto"))}
                 group = self._request_group(bundle)
-                self._wait_placed(f"judge {name!r}", [_Replica(group, time.monotonic())])
+                self._wait_placed(f"judge {name!r}", [_Replica(group)])
                 judges[name] = JudgeWorker.options(**self._in_group(bundle, group)).remote(settings)
                 checks[name] = judges[name].check.remote()
             else:
@@ -273,7 +282,7 @@ class Scheduler:
         return group
 
     def _add_replica(self, model: _Model) -> None:
-        model.replicas.append(_Replica(self._request_group(self._bundle(model.entry)), time.monotonic()))
+        model.replicas.append(_Replica(self._request_group(self._bundle(model.entry))))
 
     def _place(self, active: list[_Model]) -> None:
         """Start the actors of replicas whose groups Ray has placed; report, and bound, the wait
@@ -286,7 +295,7 @@ class Scheduler:
                 for _ in range(model.entry.replicas):
                     self._add_replica(model)
             for replica in model.replicas:
-                if replica.actor is None and _placed(replica.group):
+                if replica.actor is None and replica.placed:
                     replica.actor = (ModelWorker.options(**self._in_group(self._bundle(model.entry), replica.group))
                                      .remote(model.entry.model_dump(), self.judges, self.store.root, self.run_id,
                                              self.manifest.store_answers))
@@ -299,7 +308,7 @@ class Scheduler:
 
     def _wait_placed(self, what: str, replicas: list[_Replica]) -> None:
         """Block until one of `replicas` is placed (the judges, which the models need first)."""
-        while not any(_placed(r.group) for r in replicas):
+        while not any(r.placed for r in replicas):
             self._check_wait(what, replicas)
             time.sleep(1.0)
         self._end_wait()
@@ -463,11 +472,6 @@ def _check_judge(settings: dict[str, Any]) -> None:
     from core.judges import make_judge
 
     make_judge(**settings).check()
-
-
-def _placed(group) -> bool:
-    ready, _ = ray.wait([group.ready()], timeout=0)
-    return bool(ready)
 
 
 def _resources(resources: dict[str, float]) -> str:
