@@ -175,6 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun {result.run_id}: {state}, {result.units_ok}/{result.units_total} units ok, "
           f"{result.units_failed} failed")
     out = shlex.quote(str(result.out))
+    if result.units_reused:
+        print(f"{result.units_reused} units reused from earlier runs under {out}, not recomputed (--no-reuse "
+              f"recomputes them)")
     if result.units_failed:
         print(f"failed units: moesafe status --out {out} --run-id {result.run_id}; "
               f"run the same command again to retry them")

@@ -93,7 +93,8 @@ def main(workdir: str, first: str, timeout: str, preflight: str, second: str) ->
     report["scaled_down_after_s"] = SCALE_DOWN_S - (deadline - time.monotonic())
     report["nodes_at_end"] = worker_nodes()
 
-    for name, manifest, kwargs in (("timeout", timeout, {"wait_timeout_s": 5.0}), ("preflight", preflight, {})):
+    # the first run's units, under other resources: reused unless told not to, so it would not wait
+    for name, manifest, kwargs in (("timeout", timeout, {"wait_timeout_s": 5.0, "reuse": False}), ("preflight", preflight, {})):
         start = time.monotonic()
         try:
             run_manifest(load_manifest(Path(manifest)), out=out, progress=False, **kwargs)

@@ -62,8 +62,10 @@ def ray_head(tmp_path, sandbox_dir):
 def test_submit_runs_the_manifest_as_a_ray_job(ray_head, tmp_path):
     address, env = ray_head
     out = str(tmp_path / "out")
+    env = {**env, "MOESAFE_TEST_JUDGE_KEY": "value-of-the-test-key"}  # what `--env` passes to the job
     submitted = subprocess.run([MOESAFE, "submit", "manifests/smoke.yaml", "--address", address, "--out", out,
-                                "--run-id", "smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                                "--run-id", "smoke", "--env", "MOESAFE_TEST_JUDGE_KEY"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=180)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = submitted.stdout.split()[0]
     # `ray job logs --follow` returns when the job ends (a subprocess: Ray reads its auth mode at import)
@@ -75,3 +77,8 @@ def test_submit_runs_the_manifest_as_a_ray_job(ray_head, tmp_path):
     assert "complete, " in logs.stdout  # moesafe run's closing line, printed inside the job
     metrics = json.loads(run_query("select method, metric from metrics where run_id = 'smoke'", out, "json"))
     assert {m["method"] for m in metrics} == {"fsour", "rosais", "safex", "steermoe"}
+    # The job's processes got the variable, and so does anyone who can read the job API (the README says so).
+    shown = subprocess.run([sys.executable, "-c", "import json, sys; from ray.job_submission import JobSubmissionClient; "
+                            "print(json.dumps(JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]).runtime_env))",
+                            address, job_id], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(shown.stdout)["env_vars"] == {"MOESAFE_TEST_JUDGE_KEY": "value-of-the-test-key"}, shown.stderr
