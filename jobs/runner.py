@@ -36,6 +36,7 @@ MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
 CONNECT_TIMEOUT_S = 10.0  # to reach a cluster's address: ray.init itself waits on one for minutes
 WAIT_TIMEOUT_S = 30 * 60.0  # for nodes: how long a run waits with nothing placed before giving up
 REPLACEMENTS_PER_REPLICA = 2  # dead-for-good actors replaced per replica, so a unit that kills every actor ends
+WAIT_NOTICE_S = 5.0  # a wait for nodes longer than this is reported
 PREFLIGHT_TIMEOUT_S = 120.0  # a judge's check (one request, or loading a judge model)
 
 
@@ -155,6 +156,7 @@ class Scheduler:
                         for name, spec in manifest.datasets.items()}
         self.groups: list = []  # every placement group this run asked for: removed when it ends
         self.waiting_since: float | None = None  # since when nothing of this run is placed
+        self.wait_told = False  # the wait was reported
         try:
             self.judges = self._start_judges()
         except BaseException:
@@ -318,21 +320,24 @@ class Scheduler:
             waited = time.monotonic() - self.waiting_since
             self.summary.seconds_waiting += waited
             self.waiting_since = None
-            self.bar.write(f"placed after waiting {waited:.0f} s for the cluster")
+            if self.wait_told:
+                self.bar.write(f"placed after waiting {waited:.0f} s for the cluster")
 
     def _check_wait(self, what: str, replicas: list[_Replica]) -> None:
         """Nothing of this run is placed: only the cluster growing can help. Give up after the
         wait timeout, counted from when nothing was placed (not from the request: a model that
         waits behind a running one is not stuck)."""
         if self.waiting_since is None:
-            self.waiting_since = time.monotonic()
-            self.bar.write(f"{what}: {_waiting_line(replicas)}")
+            self.waiting_since, self.wait_told = time.monotonic(), False
         waited = time.monotonic() - self.waiting_since
+        if waited > WAIT_NOTICE_S and not self.wait_told:  # not for the moment a placement takes
+            self.wait_told = True
+            self.bar.write(f"{what}: {_waiting_line(replicas)}")
         if waited > self.wait_timeout_s:
             bundle = placement_group_table(replicas[0].group)["bundles"][0]
             raise RunError(
                 f"{what}: waited {waited / 60:.1f} min for {len(replicas)} x {_resources(bundle)} and the cluster "
-                f"has not placed one (it has {_resources(ray.cluster_resources())}). No node type offers "
+                f"has not placed one (its nodes have {_resources(ray.cluster_resources()) or 'no CPU or GPU'} in all). No node type offers "
                 "that much on one node, the autoscaler is at max_workers, or the cloud has no capacity now. "
                 "Give the cluster such a node type, lower num_gpus/num_cpus, or wait longer (--wait-timeout)")
 
@@ -478,6 +483,8 @@ def _resources(resources: dict[str, float]) -> str:
     """{GPU: 1, CPU: 4}: the resources a user sets, not Ray's internal ones."""
     shown = {k: (int(v) if float(v).is_integer() else v) for k, v in resources.items()
              if k in ("GPU", "CPU") or not (k.startswith("node:") or k.endswith("memory") or "_group_" in k)}
+    if not shown:
+        return ""
     return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(shown.items(), key=lambda kv: kv[0] != "GPU")) + "}"
 
 
