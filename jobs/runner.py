@@ -301,11 +301,12 @@ class Scheduler:
                     replica.actor = (ModelWorker.options(**self._in_group(self._bundle(model.entry), replica.group))
                                      .remote(model.entry.model_dump(), self.judges, self.store.root, self.run_id,
                                              self.manifest.store_answers))
-        if any(m.actors for m in active):
+        running = any(m.actors for m in active)
+        if running:
             self._end_wait()
         waiting = [(m, r) for m in active for r in m.replicas if r.actor is None]
-        self.bar.set_postfix_str(_waiting_line([r for _, r in waiting]) if waiting else "")
-        if waiting and not any(m.actors for m in active):
+        self.bar.set_postfix_str(_waiting_line([r for _, r in waiting], running) if waiting else "")
+        if waiting and not running:
             self._check_wait(f"model {waiting[0][0].entry.name!r}", [r for _, r in waiting])
 
     def _wait_placed(self, what: str, replicas: list[_Replica]) -> None:
@@ -335,9 +336,10 @@ class Scheduler:
             self.bar.write(f"{what}: {_waiting_line(replicas)}")
         if waited > self.wait_timeout_s:
             bundle = placement_group_table(replicas[0].group)["bundles"][0]
+            has = _resources(ray.cluster_resources()) or "no CPU or GPU"
             raise RunError(
                 f"{what}: waited {waited / 60:.1f} min for {len(replicas)} x {_resources(bundle)} and the cluster "
-                f"has not placed one (its nodes have {_resources(ray.cluster_resources()) or 'no CPU or GPU'} in all). No node type offers "
+                f"has not placed one (its nodes have {has} in all). No node type offers "
                 "that much on one node, the autoscaler is at max_workers, or the cloud has no capacity now. "
                 "Give the cluster such a node type, lower num_gpus/num_cpus, or wait longer (--wait-timeout)")
 
@@ -488,10 +490,11 @@ def _resources(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(shown.items(), key=lambda kv: kv[0] != "GPU")) + "}"
 
 
-def _waiting_line(replicas: list[_Replica]) -> str:
+def _waiting_line(replicas: list[_Replica], behind_running: bool = False) -> str:
     """"waiting for 2 x {GPU: 1, CPU: 1}: autoscaler pending, 3 min" (the progress line)."""
     table = placement_group_table(replicas[0].group)
-    state = {"PENDING": "autoscaler pending", "RESCHEDULING": "a node was lost, rescheduling"}.get(
+    pending = "behind the running models" if behind_running else "autoscaler pending"
+    state = {"PENDING": pending, "RESCHEDULING": "a node was lost, rescheduling"}.get(
         table.get("state"), str(table.get("state", "")).lower())
     minutes = (time.monotonic() - min(r.requested for r in replicas)) / 60
     return f"waiting for {len(replicas)} x {_resources(table['bundles'][0])}: {state}, {minutes:.0f} min"
@@ -522,7 +525,8 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
                            "another --run-id, or --force-new-run to start a new run under a derived id")
         run_id = f"{run_id}-{digest[:8]}"
     connect_ray(address)
-    scheduler = Scheduler(manifest, store, run_id, progress, wait_timeout_s, reuse)  # judges checked: a refused run writes nothing
+    # judges are checked as the scheduler starts: a run they refuse writes nothing
+    scheduler = Scheduler(manifest, store, run_id, progress, wait_timeout_s, reuse)
     store.write_run(run_id, manifest.to_yaml(), manifest_hash=digest)
     summary = scheduler.run()
     store.finish_run(run_id, "finished" if summary.complete else "incomplete")

@@ -94,7 +94,8 @@ def main(workdir: str, first: str, timeout: str, preflight: str, second: str) ->
     report["nodes_at_end"] = worker_nodes()
 
     # the first run's units, under other resources: reused unless told not to, so it would not wait
-    for name, manifest, kwargs in (("timeout", timeout, {"wait_timeout_s": 5.0, "reuse": False}), ("preflight", preflight, {})):
+    for name, manifest, kwargs in (("timeout", timeout, {"wait_timeout_s": 5.0, "reuse": False}),
+                                   ("preflight", preflight, {})):
         start = time.monotonic()
         try:
             run_manifest(load_manifest(Path(manifest)), out=out, progress=False, **kwargs)

@@ -78,8 +78,8 @@ def test_autoscaling_cluster_waits_for_nodes_reuses_units_and_matches_a_fixed_cl
     work = tmp_path / "work"
     work.mkdir()
     # /tmp/ray privately too: the cluster's session files must not replace this machine's others
-    script = (f"ip link set lo up && mkdir -p /tmp/ray {work}/ray && mount --bind {work}/ray /tmp/ray && exec {sys.executable} {REPO / 'tests' / 'autoscale_run.py'} "
-              f"{work} {first} {too_big} {keyless} {second}")
+    script = (f"ip link set lo up && mkdir -p /tmp/ray {work}/ray && mount --bind {work}/ray /tmp/ray && "
+              f"exec {sys.executable} {REPO / 'tests' / 'autoscale_run.py'} {work} {first} {too_big} {keyless} {second}")
     done = subprocess.run(["unshare", "-pfn", "--mount-proc", "bash", "-c", script], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

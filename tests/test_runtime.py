@@ -46,7 +46,8 @@ SANDBOX_MODEL = "  - {name: sandbox, path: sandbox, dtype: float32}"
 
 @pytest.fixture(scope="module")
 def ray_cluster(sandbox_dir):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a cluster already on this machine
+    # "local": a new instance, not a cluster that happens to run on this machine already
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -78,7 +78,8 @@ def test_submit_runs_the_manifest_as_a_ray_job(ray_head, tmp_path):
     metrics = json.loads(run_query("select method, metric from metrics where run_id = 'smoke'", out, "json"))
     assert {m["method"] for m in metrics} == {"fsour", "rosais", "safex", "steermoe"}
     # The job's processes got the variable, and so does anyone who can read the job API (the README says so).
-    shown = subprocess.run([sys.executable, "-c", "import json, sys; from ray.job_submission import JobSubmissionClient; "
-                            "print(json.dumps(JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]).runtime_env))",
+    shown = subprocess.run([sys.executable, "-c", "import json, sys; from ray.job_submission import "
+                            "JobSubmissionClient; print(json.dumps(JobSubmissionClient(sys.argv[1])"
+                            ".get_job_info(sys.argv[2]).runtime_env))",
                             address, job_id], env=env, capture_output=True, text=True, timeout=60)
     assert json.loads(shown.stdout)["env_vars"] == {"MOESAFE_TEST_JUDGE_KEY": "value-of-the-test-key"}, shown.stderr
