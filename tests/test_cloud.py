@@ -62,6 +62,7 @@ def rows(root: str, run_id: str, model: str | None = None) -> dict[str, list[str
     return tables
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None,
                     reason="needs unshare and ip (util-linux, iproute2) and root for a private namespace")
 def test_autoscaling_cluster_waits_for_nodes_reuses_units_and_matches_a_fixed_cluster(sandbox_dir, tmp_path):
