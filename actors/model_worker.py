@@ -21,8 +21,8 @@ import ray
 from core.judges import make_judge
 from core.models import load_model, resolve_model_path
 from core.store import ResultStore
+from core.method import WorkUnit
 from jobs.execute import execute_unit
-from jobs.units import WorkUnit
 
 
 def error_text(e: BaseException) -> str:

@@ -7,7 +7,9 @@ without extra special tokens, so templates that write their own BOS are not doub
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import dataclasses
+import hashlib
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
@@ -79,21 +81,53 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return answers
 
 
+class JudgePanel:
+    """Several judges under their manifest names, in order: the first decides wherever a method
+    must decide (F-SOUR's pre-check and restarts, the stored `jailbroken`/`refused` columns), and
+    every judge's verdict goes to `generations`. Verdicts carry the manifest name as `judge`."""
+
+    def __init__(self, judges: Mapping[str, Any]):
+        if not judges:
+            raise ValueError("a judge panel needs at least one judge")
+        self.judges = dict(judges)
+        self.name = next(iter(self.judges))
+
+    @classmethod
+    def of(cls, judge) -> JudgePanel:
+        """`judge` itself if it is a panel, else a panel of that one judge under its own name."""
+        return judge if isinstance(judge, JudgePanel) else cls({judge.name: judge})
+
+    def judge_all(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list]:
+        """Per answer, every judge's verdict, the deciding judge's first."""
+        per_judge = [[dataclasses.replace(v, judge=name) for v in judge.judge(prompts, answers)]
+                     for name, judge in self.judges.items()]
+        return [list(verdicts) for verdicts in zip(*per_judge)]
+
+
 def judged_answers(lm, prompts: Sequence, route, judge, max_new_tokens: int,
-                   batch_size: int) -> tuple[list[str], list]:
+                   batch_size: int) -> tuple[list[str], list[list]]:
     """Greedy answers to `prompts` (records with `.prompt`) under `route` (None: the unrouted model),
-    and the judge's verdict on each."""
+    and every verdict of `judge` (a judge or a JudgePanel) on each: verdicts[i][0] decides."""
     texts = [p.prompt for p in prompts]
     with lm.control.apply(route) if route is not None else contextlib.nullcontext():
         answers = generate_greedy(lm.model, lm.tokenizer, texts, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size)
-    return answers, judge.judge(texts, answers)
+    return answers, JudgePanel.of(judge).judge_all(texts, answers)
 
 
-def generation_rows(prompts: Sequence, answers: Sequence[str], verdicts: Sequence, method: str,
+def generation_rows(prompts: Sequence, answers: Sequence[str], verdicts: Sequence[Sequence], method: str,
                     condition: str, route, params: str) -> list[dict]:
-    """Rows of `generations` (the runtime adds the answer hash and the store_answers policy)."""
+    """Rows of `generations`, one per answer with all its verdicts (the runtime adds the answer
+    hash and the store_answers policy)."""
     scope = route.scope if route is not None else None
     return [{"prompt_id": p.id, "dataset": p.dataset, "method": method, "condition": condition,
-             "prompt": p.prompt, "answer": answer, "verdicts": [verdict], "scope": scope, "params": params}
-            for p, answer, verdict in zip(prompts, answers, verdicts)]
+             "prompt": p.prompt, "answer": answer, "verdicts": list(verdict_list), "scope": scope, "params": params}
+            for p, answer, verdict_list in zip(prompts, answers, verdicts)]
+
+
+def stored_answer(row: dict, store_answers: str) -> dict:
+    """A generations row as stored under the manifest's `store_answers` policy (core.schemas.STORE_ANSWERS)."""
+    answer = row["answer"]
+    return {**row, "answer": answer if store_answers == "full" else None,
+            "answer_sha256": "" if store_answers == "none" else hashlib.sha256(answer.encode()).hexdigest(),
+            "store_answers": store_answers}

@@ -19,12 +19,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from core.batching import split_on_oom
 from core.chat import encode_chat, generation_rows, judged_answers
+from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, prompt_dicts, rate, records,
+                         verdicts_of)
 from core.models import LoadedModel
 from core.routing import Route, Scope, mask_allowing
 
@@ -48,13 +50,6 @@ class FsourParams:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-class PromptLike(Protocol):
-    id: str
-    prompt: str
-    target: str | None
-    dataset: str
 
 
 @dataclass
@@ -239,11 +234,11 @@ def _row(item: PromptLike, restart: int, verdict, params: FsourParams, run: Fsou
 
 def fsour_precheck(lm: LoadedModel, items: Sequence[PromptLike], judge, params: FsourParams = FsourParams()):
     """Unrouted answers (restart -1, iterations 0), batched: a prompt already jailbroken needs no search.
-    Returns (fsour_routes rows, generation rows)."""
+    Returns (fsour_routes rows, generation rows); the first judge of a panel decides `jailbroken`."""
     start = time.perf_counter()
     answers, verdicts = judged_answers(lm, items, None, judge, params.max_new_tokens, len(items))
     seconds = (time.perf_counter() - start) / len(items)
-    return ([_row(item, -1, verdict, params, None, seconds) for item, verdict in zip(items, verdicts)],
+    return ([_row(item, -1, v[0], params, None, seconds) for item, v in zip(items, verdicts)],
             generation_rows(items, answers, verdicts, "fsour", "baseline", None, params.to_json()))
 
 
@@ -255,7 +250,7 @@ def fsour_restart(lm: LoadedModel, item: PromptLike, restart: int, judge, params
     run = fsour_search(lm, item.prompt, item.target, restart, params)
     route = Route(masks=run.masks, scope=params.scope)
     answers, verdicts = judged_answers(lm, [item], route, judge, params.max_new_tokens, 1)
-    return (_row(item, restart, verdicts[0], params, run, time.perf_counter() - start),
+    return (_row(item, restart, verdicts[0][0], params, run, time.perf_counter() - start),
             generation_rows([item], answers, verdicts, "fsour", f"restart={restart}", route, params.to_json())[0])
 
 
@@ -272,16 +267,63 @@ def select_restart(rows: Sequence[dict]) -> int | None:
     return max(reversed(scored), key=lambda i: rows[i]["score"])
 
 
-def fsour_attack(lm: LoadedModel, item: PromptLike, judge, params: FsourParams = FsourParams()):
-    """The whole per-prompt procedure in one process: pre-check, then restarts until jailbroken.
+# ---- the method: plan, units, metrics ----------------------------------------------------------
 
-    Returns (fsour_routes rows, generation rows, index of the row the serial loop reports)."""
-    rows, gens = fsour_precheck(lm, [item], judge, params)
-    if not rows[0]["jailbroken"]:
-        for r in range(params.restarts):
-            row, gen = fsour_restart(lm, item, r, judge, params)
-            rows.append(row)
-            gens.append(gen)
-            if row["jailbroken"]:
-                break
-    return rows, gens, select_restart(rows)
+def plan_fsour(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
+    """Pre-check, then restart 0 for prompts not yet jailbroken, then restarts 1..R-1 in parallel for
+    those still not jailbroken (the first judge decides). Which restarts run depends only on seeded
+    results, so an interrupted and resumed run schedules exactly the same units as an undisturbed one."""
+    prompts = ctx.prompts["dataset"]
+    dataset = ctx.datasets["dataset"]
+    yield ctx.prompt_units("fsour_precheck", prompts)
+
+    def not_jailbroken(restart: int, among: Sequence[PromptLike]) -> list[PromptLike]:
+        done = {r["prompt_id"]: r["jailbroken"] for r in ctx.read("fsour_routes")
+                if r["restart"] == restart and r["dataset"] == dataset}
+        return [p for p in among if p.id in done and not done[p.id]]
+
+    todo = not_jailbroken(-1, prompts)
+    yield [ctx.unit("fsour_restart", prompts=prompt_dicts([p]), restart=0) for p in todo]
+    todo = not_jailbroken(0, todo)
+    yield [ctx.unit("fsour_restart", prompts=prompt_dicts([p]), restart=r)
+           for r in range(1, ctx.params.restarts) for p in todo]
+
+
+def _precheck_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
+    rows, gens = fsour_precheck(lm, records(unit.payload), judge, params)
+    return {"fsour_routes": rows, "generations": gens}
+
+
+def _restart_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
+    row, gen = fsour_restart(lm, records(unit.payload)[0], unit.payload["restart"], judge, params)
+    return {"fsour_routes": [row], "generations": [gen]}
+
+
+def fsour_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[dict]:
+    """`asr`: per prompt, the restart the serial loop reports (select_restart) under `judge`'s
+    verdicts, over the restarts that ran; `asr_baseline`: the unrouted pre-check. Each over the
+    prompts `judge` decided."""
+    dataset = datasets["dataset"]
+    verdicts = verdicts_of(read, "fsour", judge)
+    by_prompt: dict[str, list[dict]] = {}
+    for r in read("fsour_routes"):
+        if r["dataset"] == dataset:
+            condition = "baseline" if r["restart"] == -1 else f"restart={r['restart']}"
+            verdict = verdicts.get((dataset, condition, r["prompt_id"]), {"jailbroken": None, "score": None})
+            by_prompt.setdefault(r["prompt_id"], []).append(
+                {"restart": r["restart"], "jailbroken": verdict["jailbroken"], "score": verdict["score"]})
+    baseline, attacked = [], []
+    for rows in by_prompt.values():
+        baseline += [r["jailbroken"] for r in rows if r["restart"] == -1 and r["jailbroken"] is not None]
+        chosen = select_restart(rows)
+        if chosen is not None and rows[chosen]["jailbroken"] is not None:
+            attacked.append(rows[chosen]["jailbroken"])
+    return [rate(dataset, "asr", attacked), rate(dataset, "asr_baseline", baseline)]
+
+
+METHOD = Method(
+    name="fsour", params=FsourParams, plan=plan_fsour,
+    units={"fsour_precheck": UnitKind(_precheck_unit), "fsour_restart": UnitKind(_restart_unit)},
+    reduce=fsour_metrics, tables=("fsour_routes", "generations"),
+    needs_target=True,  # the search optimises towards each prompt's target reply
+)

@@ -19,13 +19,14 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from core.chat import encode_chat, generate_batch, generation_rows
+from core.chat import JudgePanel, encode_chat, generate_batch, generation_rows
 from core.fsour import draw_candidates
-from core.judges import Verdict
+from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, chunks, prompt_dicts, rate,
+                         records, verdicts_of)
 from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope, mask_allowing
 
@@ -70,18 +71,6 @@ class RosaisParams:
     def to_json(self) -> str:
         """The `params` column: these settings as JSON text."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-class PromptLike(Protocol):
-    id: str
-    prompt: str
-    dataset: str
-
-
-class JudgeLike(Protocol):
-    name: str
-
-    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]: ...
 
 
 def affirmative_token_ids(tokenizer, words: Iterable[str]) -> torch.Tensor:
@@ -190,7 +179,7 @@ def _best_masks(lm: LoadedModel, prompts: Sequence[PromptLike], layers: Sequence
 
 @torch.inference_mode()
 def rosais_attack(lm: LoadedModel, prompts: Sequence[PromptLike], ranking: Sequence[int],
-                  score_rows: Iterable[Mapping[str, Any]], *, judge: JudgeLike,
+                  score_rows: Iterable[Mapping[str, Any]], *, judge,
                   L_values: Iterable[int] | None = None, params: RosaisParams = RosaisParams(),
                   batch_size: int = 32) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Mask the top-L ranked routers, each prompt with its own best mask; generate greedily; judge.
@@ -207,6 +196,7 @@ def rosais_attack(lm: LoadedModel, prompts: Sequence[PromptLike], ranking: Seque
     best_masks = _best_masks(lm, prompts, ranking[:max(L_values, default=0)], score_rows)
     texts = [p.prompt for p in prompts]
     params_json = params.to_json()
+    panel = JudgePanel.of(judge)  # its first judge decides `jailbroken`; generations keep every verdict
     attack_rows, generations = [], []
     for L in L_values:
         masked_layers = ranking[:L]
@@ -216,11 +206,11 @@ def rosais_attack(lm: LoadedModel, prompts: Sequence[PromptLike], ranking: Seque
             route = Route(masks={layer: best_masks[layer][rows] for layer in masked_layers}, scope=params.scope)
             with lm.control.apply(route):
                 answers += generate_batch(lm.model, lm.tokenizer, texts[rows], params.max_new_tokens)
-        verdicts = judge.judge(texts, answers)
-        for prompt, answer, verdict in zip(prompts, answers, verdicts):
+        verdicts = panel.judge_all(texts, answers)
+        for prompt, answer, (verdict, *_) in zip(prompts, answers, verdicts):
             attack_rows.append({
                 "prompt_id": prompt.id, "dataset": prompt.dataset, "L": L, "layers_masked": masked_layers,
-                "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": judge.name,
+                "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": panel.name,
                 "scope": params.scope, "params": params_json,
             })
         generations += generation_rows(prompts, answers, verdicts, "rosais", f"L={L}",
@@ -228,11 +218,58 @@ def rosais_attack(lm: LoadedModel, prompts: Sequence[PromptLike], ranking: Seque
     return attack_rows, generations
 
 
-def asr_by_L(attack_rows: Iterable[Mapping[str, Any]]) -> dict[int, float]:
-    """Share of jailbroken answers per L, over decided verdicts (NaN where none was decided)."""
-    decided: dict[int, list[bool]] = defaultdict(list)
-    for row in attack_rows:
-        votes = decided[row["L"]]  # an L whose verdicts are all missing still appears
-        if row["jailbroken"] is not None:
-            votes.append(row["jailbroken"])
-    return {L: sum(votes) / len(votes) if votes else math.nan for L, votes in sorted(decided.items())}
+# ---- the method: plan, units, metrics ----------------------------------------------------------
+
+def plan_rosais(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
+    """Scores by (prompt chunk x layer); the ranking from all stored scores; attack by (prompt chunk x L)."""
+    prompts = ctx.prompts["dataset"]
+    dataset = ctx.datasets["dataset"]
+    yield [u for layer in range(ctx.num_layers) for u in ctx.prompt_units("rosais_scores", prompts, layer=layer)]
+    scores = [r for r in ctx.read("rosais_scores") if r["dataset"] == dataset]
+    if not scores:
+        return
+    ranking = rank_layers(scores)
+    best = {}  # prompt id -> its score rows, as much of them as the attack reads
+    for r in scores:
+        best.setdefault(r["prompt_id"], []).append(
+            {key: r[key] for key in ("dataset", "prompt_id", "layer", "score", "best_mask_experts")})
+    units = []
+    for chunk in chunks(prompts, ctx.prompts_per_unit):
+        rows = [row for p in chunk for row in sorted(best.get(p.id, []), key=lambda row: row["layer"])]
+        for L in range(min(ctx.params.l_max, len(ranking)) + 1):
+            units.append(ctx.unit("rosais_attack", prompts=prompt_dicts(chunk), L=L, ranking=ranking,
+                                  score_rows=rows))
+    yield units
+
+
+def _scores_unit(unit: WorkUnit, lm: LoadedModel, judge, params: RosaisParams) -> Rows:
+    return {"rosais_scores": rosais_scores(lm, records(unit.payload), [unit.payload["layer"]], params)}
+
+
+def _attack_unit(unit: WorkUnit, lm: LoadedModel, judge, params: RosaisParams) -> Rows:
+    p = unit.payload
+    rows, gens = rosais_attack(lm, records(p), p["ranking"], p["score_rows"], judge=judge, L_values=[p["L"]],
+                               params=params)
+    return {"rosais_attack": rows, "generations": gens}
+
+
+def rosais_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[dict]:
+    """`asr_at_L{L}`: share of jailbroken answers with the top-L routers masked, per L, over the
+    answers `judge` decided (an L it decided none of has no row)."""
+    dataset = datasets["dataset"]
+    by_L: dict[int, list[bool]] = {}
+    for (row_dataset, condition, _), verdict in verdicts_of(read, "rosais", judge).items():
+        if row_dataset == dataset and condition.startswith("L=") and verdict["jailbroken"] is not None:
+            by_L.setdefault(int(condition[2:]), []).append(verdict["jailbroken"])
+    return [rate(dataset, f"asr_at_L{L}", by_L[L]) for L in sorted(by_L)]
+
+
+def _fits_model(params: RosaisParams, num_experts: int, top_k: int) -> None:
+    params.allowed_experts(num_experts, top_k)
+
+
+METHOD = Method(
+    name="rosais", params=RosaisParams, plan=plan_rosais,
+    units={"rosais_scores": UnitKind(_scores_unit), "rosais_attack": UnitKind(_attack_unit)},
+    reduce=rosais_metrics, tables=("rosais_scores", "rosais_attack", "generations"), check_model=_fits_model,
+)

@@ -24,27 +24,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Mapping, Protocol, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from core.chat import encode_chat, generation_rows, judged_answers
+from core.chat import JudgePanel, encode_chat, generation_rows, judged_answers
 from core.judges import Judge
+from core.method import Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, rate, records, verdicts_of
 from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope
 
 PHASES: tuple[str, ...] = ("decode", "prefill", "both")
 CONDITIONS: tuple[str, ...] = ("before", "after", "random")
 EXPERT_SETS: tuple[str, ...] = ("E_top_regular", "E_top_jailbreak", "HCDG", "HRCG")
-
-
-class PromptLike(Protocol):
-    """What the methods read from a prompt record (core.datasets.PromptRecord has it)."""
-
-    id: str
-    prompt: str
-    dataset: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +292,102 @@ def safex_validation(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,
     route = Route.disable(disabled, lm.control.num_experts, scope=params.scope) if n_disabled else None
     answers, verdicts = judged_answers(lm, prompts, route, judge, params.max_new_tokens, params.batch_size)
     rows = [{"prompt_id": p.id, "dataset": p.dataset, "group": group, "condition": condition,
-             "refused": None if v.jailbroken is None else not v.jailbroken, "judge": judge.name,
+             "refused": None if v.jailbroken is None else not v.jailbroken, "judge": JudgePanel.of(judge).name,
              "n_disabled": n_disabled, "scope": params.scope, "params": params.to_json()}
-            for p, v in zip(prompts, verdicts)]
+            for p, (v, *_) in zip(prompts, verdicts)]
     return rows, generation_rows(prompts, answers, verdicts, "safex", condition, route, params.to_json())
+
+
+# ---------------------------------------------------------------------------------------------
+# The method: plan, units, metrics
+# ---------------------------------------------------------------------------------------------
+
+GROUPS: tuple[str, ...] = ("regular", "jailbreak", "benign")  # benign is optional: counted, never validated
+VALIDATED: tuple[str, ...] = ("regular", "jailbreak")
+METRIC_NAMES: dict[str, str] = {"before": "refusal_before", "after": "refusal_after", "random": "refusal_after_random"}
+
+
+def plan_safex(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
+    """Counts by (group x prompt chunk); bootstrap by (group x chunk of rounds); expert sets;
+    validation by (group x condition x prompt chunk)."""
+    yield [u for g in GROUPS if g in ctx.prompts for u in ctx.prompt_units("safex_counts", ctx.prompts[g], group=g)]
+    rounds = ctx.params.rounds
+    yield [ctx.unit("safex_bootstrap", on_driver=True, group=g, first_round=r0,
+                    rounds=min(ctx.rounds_per_unit, rounds - r0), prompt_ids=[p.id for p in ctx.prompts[g]])
+           for g in VALIDATED for r0 in range(0, rounds, ctx.rounds_per_unit)]
+    num_experts = ctx.model_key["num_experts"]
+    yield [ctx.unit("safex_sets", on_driver=True, num_layers=ctx.num_layers, num_experts=num_experts)]
+    hrcg: dict[int, list[int]] = {}
+    for r in ctx.read("safex_experts"):
+        if r["expert_set"] == "HRCG":
+            hrcg.setdefault(r["layer"], []).append(r["expert"])
+    hrcg = {layer: sorted(experts) for layer, experts in sorted(hrcg.items())}
+    conditions = {"before": {}, "after": hrcg, "random": random_control(hrcg, num_experts, ctx.params.seed)}
+    yield [u for g in VALIDATED for condition, disabled in conditions.items()
+           for u in ctx.prompt_units("safex_validation", ctx.prompts[g], group=g, condition=condition,
+                                     disabled={str(l): e for l, e in disabled.items()})]
+
+
+def _counts_unit(unit: WorkUnit, lm: LoadedModel, judge, params: SafexParams) -> Rows:
+    return {"safex_counts": safex_counts(lm, records(unit.payload), unit.payload["group"], params)}
+
+
+def _validation_unit(unit: WorkUnit, lm: LoadedModel, judge, params: SafexParams) -> Rows:
+    p = unit.payload
+    disabled = {int(layer): experts for layer, experts in p["disabled"].items()}
+    rows, gens = safex_validation(lm, records(p), p["group"], disabled, p["condition"], judge, params)
+    return {"safex_validation": rows, "generations": gens}
+
+
+def _bootstrap_unit(unit: WorkUnit, read: Read, params: SafexParams) -> Rows:
+    p = unit.payload
+    order = {pid: i for i, pid in enumerate(p["prompt_ids"])}
+    rows = sorted((r for r in read("safex_counts") if r["group"] == p["group"] and r["prompt_id"] in order),
+                  key=lambda r: order[r["prompt_id"]])
+    if not rows:
+        raise ValueError(f"no stored safex counts for group {p['group']!r}: the counting units failed")
+    counts, tokens = stack_counts(rows)  # (P, L, E), (P,)
+    selected = bootstrap_selection(counts, tokens, p["rounds"], params.alpha, params.per_layer, params.seed,
+                                   round_offset=p["first_round"])  # (L, E)
+    layers, experts = torch.nonzero(selected >= 0, as_tuple=True)
+    return {"safex_rounds": [
+        {"group": p["group"], "phase": params.phase, "first_round": p["first_round"], "rounds": p["rounds"],
+         "layer": int(l), "expert": int(e), "selected_rounds": int(selected[l, e]), "params": params.to_json()}
+        for l, e in zip(layers.tolist(), experts.tolist())]}
+
+
+def _sets_unit(unit: WorkUnit, read: Read, params: SafexParams) -> Rows:
+    """Selection counts summed over the bootstrap chunks, as (L, E) tensors of the model's shape."""
+    shape = (unit.payload["num_layers"], unit.payload["num_experts"])
+    selected = {g: torch.zeros(shape, dtype=torch.long) for g in VALIDATED}
+    seen = set()
+    for r in read("safex_rounds"):
+        selected[r["group"]][r["layer"], r["expert"]] += r["selected_rounds"]
+        seen.add(r["group"])
+    if seen != set(VALIDATED):
+        raise ValueError("safex bootstrap results are missing for a group: the bootstrap units failed")
+    return {"safex_experts": expert_set_rows(selected["regular"], selected["jailbreak"], params)}
+
+
+def safex_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[dict]:
+    """Refusal rate of each validated group per condition (before, after HRCG disabled, after as many
+    random experts disabled), over the answers `judge` decided."""
+    refused: dict[tuple[str, str], list[bool]] = {}
+    verdicts = verdicts_of(read, "safex", judge)
+    for group in VALIDATED:
+        for (dataset, condition, _), verdict in verdicts.items():
+            if dataset == datasets[group] and condition in METRIC_NAMES and verdict["jailbroken"] is not None:
+                refused.setdefault((group, condition), []).append(not verdict["jailbroken"])
+    return [rate(datasets[group], METRIC_NAMES[condition], values)
+            for (group, condition), values in sorted(refused.items())]
+
+
+METHOD = Method(
+    name="safex", params=SafexParams, plan=plan_safex,
+    units={"safex_counts": UnitKind(_counts_unit), "safex_validation": UnitKind(_validation_unit),
+           "safex_bootstrap": UnitKind(_bootstrap_unit, on_driver=True),
+           "safex_sets": UnitKind(_sets_unit, on_driver=True)},
+    reduce=safex_metrics,
+    tables=("safex_counts", "safex_rounds", "safex_experts", "safex_validation", "generations"),
+    roles=VALIDATED, optional_roles=("benign",),
+)

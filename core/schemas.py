@@ -33,6 +33,7 @@ class TableSchema:
 
 
 RUNS_TABLE = "runs"
+STORE_ANSWERS: tuple[str, ...] = ("full", "hash", "none")  # what generations keeps of each answer
 UNITS_TABLE = "units"
 
 # Field metadata marking a string column whose text is JSON (build_table serialises into it).
@@ -192,14 +193,17 @@ _ALL = [
         _col("prompt", pa.string()),
         _col("answer", pa.string(), nullable=True),  # null unless store_answers keeps the text
         _col("answer_sha256", pa.string()),
-        _col("store_answers", pa.string()),
-        _col("verdicts", pa.list_(_VERDICT)),
+        _col("store_answers", pa.string()),       # a name in STORE_ANSWERS
+        _col("verdicts", pa.list_(_VERDICT)),    # every judge of the method entry, the deciding one first
         _col("scope", pa.string(), nullable=True),   # null when no route mask was applied
     ], masked=False),
-    _table("metrics", 1, "aggregate numbers, e.g. ASR or refusal rate", [
+    # v2: `judge` and `params_hash`, one row per (method entry's settings, judge, metric)
+    _table("metrics", 2, "aggregate numbers, e.g. ASR or refusal rate, one row per judge", [
         *_KEY,
         _col("dataset", pa.string(), nullable=True),
         _col("method", pa.string()),
+        _col("judge", pa.string()),               # the manifest's judge name whose verdicts were counted
+        _col("params_hash", pa.string()),         # core.method.params_hash of the method's params
         _col("metric", pa.string()),
         _col("value", pa.float64()),
         _col("n", pa.int64()),

@@ -41,7 +41,7 @@ UNIT_STATUSES = ("ok", "failed")
 # Run and unit ids become file and directory names.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Environment variables whose values must never reach a stored manifest.
-_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 class StoreError(RuntimeError):
@@ -309,7 +309,7 @@ def _check_id(kind: str, value: Any) -> None:
 def _check_no_secrets(manifest: str) -> None:
     for name, value in os.environ.items():
         # Short values ("1", "us-east-1") match by accident; secrets are long.
-        if _SECRET_NAME.search(name) and len(value) >= 8 and value in manifest:
+        if SECRET_NAME.search(name) and len(value) >= 8 and value in manifest:
             raise StoreError(f"the manifest contains the value of environment variable {name}; refusing to "
                              f"store it. Name the variable in the manifest instead of pasting its value")
 

@@ -2,6 +2,7 @@
 
     moesafe sandbox [--json] [--force]        build (once) and evaluate the sandbox model
     moesafe models                            supported MoE families
+    moesafe methods                           the registered methods, their datasets, tables and params
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
     moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run] [--wait-timeout MIN]
                  [--no-reuse]
@@ -23,16 +24,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from jobs.errors import CliError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
 # Left out of the working directory uploaded with a submitted job: environments, history, caches.
 SUBMIT_EXCLUDES = [".venv", ".git", "results", ".cache"]
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
-
-
-class CliError(Exception):
-    """Bad input that the user can fix; main prints it on one line and exits 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
 
     command("models", cmd_models, "list the supported MoE families")
+    command("methods", cmd_methods, "list the methods a manifest can name, with their params and defaults")
 
     manifest_args(command("validate", cmd_validate, "check a manifest and what it points at, running nothing"))
 
@@ -136,6 +136,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from core.methods import METHODS, get_method
+
+    for name in METHODS:
+        method = get_method(name)
+        if method.roles == ("dataset",):
+            datasets = "dataset: <name>"
+        else:
+            roles = [*method.roles, *(f"{role} (optional)" for role in method.optional_roles)]
+            datasets = f"datasets: {', '.join(roles)}"
+        target = "; every prompt needs a target" if method.needs_target else ""
+        print(f"{name}: {datasets}{target}; writes {', '.join((*method.tables, 'metrics'))}")
+        print(f"  params: {', '.join(f'{f.name}={f.default!r}' for f in dataclasses.fields(method.params))}")
+    return 0
+
+
 def _selection_rule(select: Callable, model_types: set[str]) -> str:
     """The first paragraph of a family's select_* docstring (core.families, the one place the rules
     are written), without the list of families some of them start with."""
@@ -169,8 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           reuse=not args.no_reuse)
     # the store accepts only file-safe run ids ([A-Za-z0-9._-]), so quoting one into SQL is safe
     where = f"run_id = '{result.run_id}'"
-    print(run_query(f"select model, dataset, method, metric, value, n from metrics where {where} "
-                    f"order by model, method, dataset, metric", result.out))
+    print(run_query(f"select model, dataset, method, judge, metric, value, n from metrics where {where} "
+                    f"order by model, method, dataset, judge, metric", result.out))
     state = "complete" if not result.units_failed else "INCOMPLETE"
     print(f"\nrun {result.run_id}: {state}, {result.units_ok}/{result.units_total} units ok, "
           f"{result.units_failed} failed")

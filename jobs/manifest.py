@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -32,24 +31,12 @@ from pydantic_core import PydanticCustomError
 
 from core.datasets import DATASETS, FIELDS, FILE_TYPES, DatasetError, PromptRecord, load_prompts
 from core.judges import JUDGES, Judge, make_judge
-from core.store import ResultStore, StoreError, _check_id, model_slug
+from core.method import Method
+from core.methods import METHODS, get_method
+from core.schemas import STORE_ANSWERS
+from core.store import SECRET_NAME, ResultStore, StoreError, _check_id, model_slug
 
-# method -> "module:ParamsClass"; imported when first needed, so a method whose module is absent
-# fails only manifests that use it.
-METHOD_PARAMS: dict[str, str] = {
-    "fsour": "core.fsour:FsourParams",
-    "rosais": "core.rosais:RosaisParams",
-    "safex": "core.safex:SafexParams",
-    "steermoe": "core.steermoe:SteerParams",
-}
-# F-SOUR optimises towards each prompt's target reply; SteerMoE uses it as the compliance
-# continuation it contrasts with refusal.
-NEEDS_TARGET: tuple[str, ...] = ("fsour", "steermoe")
-SANDBOX = "sandbox"  # model path of the embedded sandbox model (core.sandbox), built on first use
 DEFAULT_JUDGE = "refusal"  # offline, always available
-STORE_ANSWERS: tuple[str, ...] = ("full", "hash", "none")
-# Setting names that would hold a secret's value; `*_env` names a variable instead.
-_SECRET_KEY = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
 
 
 class ManifestError(ValueError):
@@ -115,7 +102,7 @@ class ModelSpec(_Section):
         if self.device == "cpu" and self.device_map == "auto":
             raise _problem("device_map: auto spreads a model over GPUs, but device is cpu: drop one of them",
                            at=".device_map", value=self.device_map)
-        if self.revision is not None and (self.path == SANDBOX or self.path.startswith(("s3://", "/", ".", "~"))):
+        if self.revision is not None and (self.path == "sandbox" or self.path.startswith(("s3://", "/", ".", "~"))):
             raise _problem("a revision pins a hub model; a local or s3:// path is one version already",
                            at=".revision", value=self.revision)
         return self
@@ -190,7 +177,7 @@ class JudgeSpec(BaseModel):
         unknown = [key for key in self.settings if key not in accepted]
         # No judge takes a secret (they read keys from variables named by *_env), so a secret can
         # only arrive as an unknown key; its value is deliberately not echoed.
-        secrets = [key for key in unknown if _SECRET_KEY.search(str(key)) and not str(key).endswith("_env")]
+        secrets = [key for key in unknown if SECRET_NAME.search(str(key)) and not str(key).endswith("_env")]
         if secrets:
             raise _problem(f"key {secrets[0]!r} would hold a secret, and manifests are stored with the results: "
                            f"export the secret as an environment variable and give its name instead "
@@ -211,20 +198,12 @@ class JudgeSpec(BaseModel):
         return make_judge(self.type, **self.settings)
 
 
-class SafexDatasets(_Section):
-    """SAFEx's prompt groups, each a dataset name: harmful requests, the same requests rewritten as
-    jailbreaks, and optionally benign requests."""
-
-    regular: str
-    jailbreak: str
-    benign: str | None = None
-
-
 class MethodSpec(_Section):
-    method: Literal[tuple(METHOD_PARAMS)]
-    dataset: str | None = None  # every method but safex
-    datasets: SafexDatasets | None = None  # safex
-    judge: str = DEFAULT_JUDGE
+    method: Literal[tuple(METHODS)]
+    dataset: str | None = None  # methods with one dataset role
+    datasets: dict[str, str] | None = None  # role -> dataset name, for methods with several (safex's groups)
+    judge: str | None = None  # one judge; default: refusal
+    judges: list[str] | None = Field(default=None, min_length=1)  # several: the first decides
     models: list[str] | None = Field(default=None, min_length=1)  # None: every model
     # fields of the method's params dataclass; missing ones take its defaults
     params: dict[str, Any] = Field(default={}, validate_default=True)
@@ -237,20 +216,45 @@ class MethodSpec(_Section):
         return params
 
     @model_validator(mode="after")
-    def _datasets_fit(self) -> MethodSpec:
-        if self.method == "safex" and (self.datasets is None or self.dataset is not None):
-            raise _problem("safex takes three prompt groups, not `dataset`: "
-                           "datasets: {regular: <name>, jailbreak: <name>, benign: <name>}")
-        if self.method != "safex" and (self.dataset is None or self.datasets is not None):
-            raise _problem(f"{self.method} takes one dataset: dataset: <name>")
+    def _datasets_and_judges_fit(self) -> MethodSpec:
+        if self.judge is not None and self.judges is not None:
+            raise _problem("give either `judge: <name>` or `judges: [<name>, ...]`, not both")
+        if self.judges is not None and len(set(self.judges)) != len(self.judges):
+            raise _problem("names a judge twice", at=".judges", value=self.judges)
+        try:
+            method = get_method(self.method)
+        except ModuleNotFoundError:
+            return self  # reported by params
+        if method.roles == ("dataset",):
+            if self.dataset is None or self.datasets is not None:
+                raise _problem(f"{self.method} takes one dataset: dataset: <name>")
+            return self
+        roles = [*method.roles, *method.optional_roles]
+        shape = "datasets: {" + ", ".join(f"{role}: <name>" for role in roles) + "}"
+        if self.datasets is None or self.dataset is not None:
+            raise _problem(f"{self.method} takes prompt groups, not `dataset`: {shape}")
+        unknown = [role for role in self.datasets if role not in roles]
+        if unknown:
+            raise _unknown_keys(unknown, roles)
+        missing = [role for role in method.roles if role not in self.datasets]
+        if missing:
+            raise _problem(f"required, but missing ({shape})", at=f".datasets.{missing[0]}")
         return self
+
+    @property
+    def judge_names(self) -> tuple[str, ...]:
+        """The judges of this method, the deciding one first."""
+        return tuple(self.judges) if self.judges is not None else (self.judge or DEFAULT_JUDGE,)
+
+    def roles(self) -> dict[str, str]:
+        """Dataset role -> dataset name."""
+        return {"dataset": self.dataset} if self.datasets is None else dict(self.datasets)
 
     def datasets_used(self) -> dict[str, str]:
         """Field path within this method -> dataset name, for every dataset it reads."""
         if self.datasets is None:
             return {"dataset": self.dataset}
-        groups = self.datasets.model_dump(exclude_none=True)
-        return {f"datasets.{group}": name for group, name in groups.items()}
+        return {f"datasets.{role}": name for role, name in self.datasets.items()}
 
     def build_params(self) -> Any:
         """This method's params dataclass (FsourParams, ...), defaults filled in."""
@@ -297,7 +301,10 @@ class Manifest(_Section):
         for i, method in enumerate(self.methods):
             references = [(f"methods[{i}].{field}", name, "dataset", self.datasets)
                           for field, name in method.datasets_used().items()]
-            references.append((f"methods[{i}].judge", method.judge, "judge", self.judges))
+            if method.judges is None:
+                references.append((f"methods[{i}].judge", method.judge_names[0], "judge", self.judges))
+            references += [(f"methods[{i}].judges[{j}]", name, "judge", self.judges)
+                           for j, name in enumerate(method.judges or [])]
             references += [(f"methods[{i}].models[{j}]", name, "model", first_use)
                            for j, name in enumerate(method.models or [])]
             for where, name, kind, defined in references:
@@ -318,26 +325,15 @@ class Manifest(_Section):
 
 
 @functools.cache
-def _params_class(method: str) -> type:
-    module, _, name = METHOD_PARAMS[method].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-@functools.cache
 def _params_adapter(method: str) -> TypeAdapter:
-    return TypeAdapter(_params_class(method))
-
-
-def method_params(method: str, params: dict[str, Any]) -> Any:
-    """The params dataclass of `method` from a validated manifest's `params` (defaults fill the rest)."""
-    return _params_adapter(method).validate_python(params)
+    return TypeAdapter(get_method(method).params)
 
 
 def _build_params(method: str, params: dict[str, Any]) -> Any:
     """`method`'s params dataclass built from `params`: types checked as pydantic does (lax: a
     YAML list fills a tuple field), then the dataclass's own checks. Errors name the key."""
     try:
-        cls = _params_class(method)
+        cls = get_method(method).params
     except ModuleNotFoundError as error:
         raise _problem(f"method {method!r} is not available: module {error.name} is missing") from None
     allowed = [f.name for f in dataclasses.fields(cls)]
@@ -494,7 +490,7 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
 
     problems = []
     try:
-        ResultStore(out or manifest.out)
+        _check_out(out or manifest.out)
     except StoreError as error:
         problems.append(f"{'--out' if out else 'out'}: {error}")
 
@@ -513,7 +509,8 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
             problems.append(f"datasets.{name}: {error}")
 
     for i, method in enumerate(manifest.methods):
-        if method.method in NEEDS_TARGET:
+        entry: Method = get_method(method.method)
+        if entry.needs_target:
             for field, name in method.datasets_used().items():
                 untargeted = [p.id for p in prompts.get(name, []) if p.target is None]
                 if untargeted:
@@ -521,22 +518,46 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
                         f"methods[{i}].{field}: {method.method} needs a target reply for every prompt, but dataset "
                         f"{name!r} has {len(untargeted)} without one (e.g. {untargeted[0]!r}): map its target column "
                         f"in datasets.{name}.columns.target")
-        if method.method == "rosais":
+        if entry.check_model is not None:
             params = method.build_params()
             for model in manifest.models_for(method):
                 if model.name in experts:
                     try:
-                        params.allowed_experts(*experts[model.name])
+                        entry.check_model(params, *experts[model.name])
                     except ValueError as error:
-                        problems.append(f"methods[{i}].params.allowed: {params.allowed!r} is not allowed for model "
-                                        f"{model.name!r}: {error}")
+                        field = next((f for f in method.params if re.search(rf"\b{re.escape(f)}\b", str(error))),
+                                     None)
+                        where = f"params.{field}: {method.params[field]!r} is" if field else "params are"
+                        problems.append(f"methods[{i}].{where} not allowed for model {model.name!r}: {error}")
     if problems:
         raise ManifestError(problems)
 
 
+def _check_out(root: str) -> None:
+    """StoreError unless results can be written under `root`, leaving nothing behind: a local root
+    that does not exist yet is not created here (a refused manifest writes nothing), only its
+    nearest existing parent is checked; an existing root or an S3 prefix gets a probe file that
+    is written and deleted."""
+    store = ResultStore(root, read_only=True)  # refuses unsupported schemes; writes nothing
+    if not store.is_local:
+        store.check_writable()
+        return
+    path = Path(store.root)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    fix = "Fix: point the results root at a directory this user can create and write."
+    if not existing.is_dir():
+        raise StoreError(f"result root {store.root!r} is not writable: {str(existing)!r} is a file, not a directory. "
+                         f"{fix}")
+    if existing == path:
+        store.check_writable()
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"result root {store.root!r} is not writable: this user cannot create it in "
+                         f"{str(existing)!r}. {fix}")
+
+
 def _model_config(model: ModelSpec) -> dict[str, Any]:
     """The model's config as a dict, without loading (or, for s3://, downloading) weights."""
-    from core.models import load_config, resolve_path
+    from core.models import SANDBOX, load_config, resolve_path
 
     if model.path == SANDBOX:
         from core.sandbox import SandboxConfig

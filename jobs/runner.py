@@ -25,11 +25,13 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
+from core.method import PlanContext, WorkUnit
+from core.methods import get_method
 from core.models import describe_model, resolve_model_path
+from core.schemas import RESULT_TABLES, UNITS_TABLE, table_schema
 from core.store import ResultStore, model_slug
-from jobs.cli import CliError
+from jobs.errors import CliError
 from jobs.execute import execute_driver_unit
-from jobs.units import PLANS, PlanContext, WorkUnit
 
 UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
 MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
@@ -67,6 +69,7 @@ class _Plan:
     ctx: PlanContext
     stages: Iterator[list[WorkUnit]]
     pending: set[str] = field(default_factory=set)
+    failed: bool = False  # a unit of the current stage failed: the plan goes no further this attempt
     finished: bool = False
 
 
@@ -214,7 +217,7 @@ class Scheduler:
             if m.models and entry.name not in m.models:
                 continue
             params = m.build_params()
-            roles = m.datasets.model_dump(exclude_none=True) if m.datasets else {"dataset": m.dataset}
+            roles = m.roles()
             params_json = params.to_json()
 
             def read(table: str, params_json=params_json) -> list[dict]:
@@ -222,16 +225,14 @@ class Scheduler:
                 return [r for r in rows if r.get("params") == params_json]
 
             prompts = {role: self.prompts[name] for role, name in roles.items()}
-            # Unit ids hash the model key: with the prompts' texts and the judge's settings in it, a
+            # Unit ids hash the model key: with the prompts' texts and the judges' settings in it, a
             # unit id names its whole content, so another run's unit of the same id can be reused.
             content = _digest({"prompts": {role: [dataclasses.asdict(p) for p in ps] for role, ps in prompts.items()},
-                               "judge": self.manifest.judges[m.judge].model_dump() if m.judge in self.manifest.judges
-                               else m.judge})
-            ctx = PlanContext({**key, "content": content}, m.method, params, dataclasses.asdict(params), m.judge,
-                              prompts, roles,
+                               "judges": [self.manifest.judges[name].model_dump() for name in m.judge_names]})
+            ctx = PlanContext({**key, "content": content}, m.method, params, m.judge_names, prompts, roles,
                               self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
                               shape.num_layers, read)
-            plans.append(_Plan(ctx, PLANS[m.method](ctx)))
+            plans.append(_Plan(ctx, get_method(m.method).stages(ctx)))
         if not plans:
             return None
         return _Model(entry, key, plans, replacements_left=REPLACEMENTS_PER_REPLICA * entry.replicas)
@@ -373,14 +374,22 @@ class Scheduler:
                           f"{REPLACEMENTS_PER_REPLICA * model.entry.replicas} replacements are used up")
 
     def _advance(self, model: _Model) -> None:
-        """Move every plan whose stage is complete to its next stage (reading the store)."""
+        """Move every plan whose stage is complete to its next stage (reading the store). A stage
+        with a failed unit ends its plan: later stages would read partial rows and commit results
+        that look complete. The next attempt of the run retries the failed units and goes on."""
         for plan in model.plans:
             while not plan.finished and not plan.pending:
+                if plan.failed:
+                    plan.finished = True
+                    self.bar.write(f"{plan.ctx.method} on {model.entry.name}: stopped after a stage with failed "
+                                   f"units; run the same command again to retry them and go on")
+                    break
                 try:
                     units = next(plan.stages)
                 except StopIteration:
                     plan.finished = True
                     break
+                plan.ctx.upstream += [unit.unit_id for unit in units]  # what the next stages derive from
                 self.bar.total += len(units)
                 self.summary.units_total += len(units)
                 for unit in units:
@@ -464,6 +473,7 @@ class Scheduler:
 
     def _finished(self, model: _Model, plan: _Plan, unit: WorkUnit, ok: bool) -> None:
         plan.pending.discard(unit.unit_id)
+        plan.failed |= not ok
         if ok:
             model.ok += 1
             self.summary.units_ok += 1
@@ -519,6 +529,8 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
     run_id = run_id or manifest.run_id
     digest = manifest_hash(manifest)
     previous = store.read_table("runs", run_id=run_id).to_pylist()
+    if previous:
+        _check_schema(store, run_id)
     if previous and previous[0]["manifest_hash"] != digest:
         if not force_new_run:
             raise RunError(f"run id {run_id!r} already exists in {root!r} with a different manifest; use "
@@ -531,3 +543,16 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
     summary = scheduler.run()
     store.finish_run(run_id, "finished" if summary.complete else "incomplete")
     return summary
+
+
+def _check_schema(store: ResultStore, run_id: str) -> None:
+    """RunError if the run's stored rows are in an older schema than this version writes: its
+    units' ids and rows do not mean what they mean now, so it cannot be resumed."""
+    for name in (UNITS_TABLE, *RESULT_TABLES):
+        current = table_schema(name).version
+        stored = store.read_table(name, run_id=run_id).column("schema_version").to_pylist()
+        older = min(stored, default=current)
+        if older < current:
+            raise RunError(f"run id {run_id!r} in {store.root!r} was written by an older moesafe ({name} schema "
+                           f"version {older}; this version writes {current}) and cannot be resumed: "
+                           f"use another --run-id or another --out. Its results stay readable with moesafe query")

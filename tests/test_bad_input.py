@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
@@ -48,7 +50,8 @@ def earlier_run(tmp_path) -> Path:
     store = ResultStore(str(root))
     store.write_run("earlier", "models: []\n")
     store.write_unit("earlier", "sandbox", "u1", {"metrics": [
-        {"dataset": "d", "method": "fsour", "metric": "asr", "value": 0.5, "n": 2}]},
+        {"dataset": "d", "method": "fsour", "judge": "refusal", "params_hash": "0" * 16, "metric": "asr", "value": 0.5,
+         "n": 2}]},
         {"method": "fsour", "kind": "fsour_metrics", "status": "ok", "attempts": 1, "seconds": 0.1, "error": None})
     return root
 
@@ -132,3 +135,32 @@ def test_model_routing_to_more_experts_than_it_has_is_refused(tmp_path):
     manifest = load_manifest(SHORT.format(top_n=4).replace("path: sandbox", f"path: {model}"))
     with pytest.raises(ManifestError, match=r"models\[0\] \(sandbox\): .*10.*8"):
         check_manifest(manifest, out=str(tmp_path / "out"))
+
+
+def test_a_run_stored_by_an_older_version_is_named_not_resumed(tmp_path, capsys):
+    """A run whose `metrics` rows are schema version 1 (no judge, no params_hash columns): resuming
+    it is refused with the versions named, before Ray starts; its rows stay queryable."""
+    root = tmp_path / "results"
+    path = tmp_path / "old.yaml"
+    path.write_text("run_id: old\n" + SHORT.format(top_n=4))
+    manifest = load_manifest(path)
+    store = ResultStore(str(root))
+    store.write_run("old", manifest.to_yaml(), manifest_hash=manifest_hash(manifest))
+    store.write_unit("old", "sandbox", "u1", {}, {"method": "steermoe", "kind": "steer_metrics", "status": "ok",
+                                                  "attempts": 1, "seconds": 0.1, "error": None})
+    v1 = pa.table({"run_id": ["old"], "model": ["sandbox"], "unit_id": ["u1"], "dataset": ["harmful"],
+                   "method": ["steermoe"], "metric": ["asr_steered"], "value": [0.5], "n": pa.array([2], pa.int64()),
+                   "schema_version": pa.array([1], pa.int32())})
+    (root / "metrics/model=sandbox/run=old").mkdir(parents=True)
+    pq.write_table(v1, root / "metrics/model=sandbox/run=old/u1.parquet")
+    before = files_with_bytes(root)
+
+    code = main(["run", str(path), "--out", str(root)])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and not ray.is_initialized()
+    assert f"run id 'old' in '{root}' was written by an older moesafe (metrics schema version 1; this version " \
+           f"writes 2) and cannot be resumed: use another --run-id or another --out" in err
+    assert files_with_bytes(root) == before
+    assert main(["query", "select method, judge, metric, value from metrics", "--out", str(root),
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "steermoe,,asr_steered,0.5"

@@ -35,9 +35,11 @@ def store_root(tmp_path) -> str:
     store.write_run(RUN, "models: []\n", versions={"moesafe": "0.1.0"})
     unit = {"method": "fsour", "kind": "fsour_restart", "status": "ok", "attempts": 1, "seconds": 1.5, "error": None}
     store.write_unit(RUN, "sandbox", "fsour-0000", {"metrics": [
-        dict(dataset="sandbox-heldout-regular", method="fsour", metric="asr", value=0.75, n=8)]}, unit)
+        dict(dataset="sandbox-heldout-regular", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr",
+             value=0.75, n=8)]}, unit)
     store.write_unit(RUN, "tiny", "fsour-0000", {"metrics": [
-        dict(dataset="sandbox-heldout-regular", method="fsour", metric="asr", value=0.5, n=8)]}, unit)
+        dict(dataset="sandbox-heldout-regular", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr",
+             value=0.5, n=8)]}, unit)
     store.write_unit(RUN, "sandbox", "fsour-0001", {},
                      {**unit, "status": "failed", "attempts": 3, "error": "RuntimeError: CUDA out of memory"})
     return root
@@ -55,12 +57,25 @@ def test_models_lists_every_family_with_router_and_rule(capsys):
     assert "PhimoeTopKRouter" in by_family["phimoe"] and "sparsemixer" in by_family["phimoe"]
 
 
+def test_methods_lists_the_registry(capsys):
+    from core.methods import METHODS
+
+    code, out, _ = moesafe(capsys, "methods")
+    lines = out.splitlines()
+    assert code == 0 and [line.split(":")[0] for line in lines[::2]] == list(METHODS)
+    assert lines[0] == ("fsour: dataset: <name>; every prompt needs a target; writes fsour_routes, generations, "
+                        "metrics")
+    assert lines[1].startswith("  params: candidates=100, restarts=5, threshold=0.8, seed=42")
+    assert "safex: datasets: regular, jailbreak, benign (optional); writes safex_counts" in out
+
+
 def test_validate_accepts_the_quickstart(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MOESAFE_CACHE", str(tmp_path / "cache"))  # validating builds no sandbox
     code, out, err = moesafe(capsys, "validate", str(QUICKSTART), "--out", str(tmp_path / "out"))
     assert (code, err) == (0, "")
     assert out.startswith(f"OK {QUICKSTART}: run quickstart-") and "4 method(s)" in out
     assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "out").exists(), "validating writes nothing, not even the (writable) output root"
 
 
 def test_validate_reports_every_problem_and_exits_2(capsys, tmp_path):
@@ -143,8 +158,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
     assert calls == [(calls[0][0], store_root, RUN, "auto", False)] and calls[0][0].startswith("quickstart-")
     assert err == "" and code == (EXIT_INCOMPLETE if failed else 0)
     lines = out.splitlines()
-    assert lines[0].split() == ["model", "dataset", "method", "metric", "value", "n"]
-    assert lines[2].split() == ["sandbox", "sandbox-heldout-regular", "fsour", "asr", "0.75", "8"]
+    assert lines[0].split() == ["model", "dataset", "method", "judge", "metric", "value", "n"]
+    assert lines[2].split() == ["sandbox", "sandbox-heldout-regular", "fsour", "refusal", "asr", "0.75", "8"]
     assert f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed}/3 units ok, {failed} failed" in lines
     assert lines[-1] == f'explore: moesafe query "select * from metrics where run_id = \'{RUN}\'" --out {store_root}'
 
@@ -159,6 +174,14 @@ def test_run_refuses_a_bad_manifest_before_any_work(capsys, tmp_path, monkeypatc
     code, _, err = moesafe(capsys, "run", str(bad), "--out", str(tmp_path / "out"))
     assert code == EXIT_BAD_INPUT
     assert "  methods[0].params.candidates: -1 is not allowed: fsour.candidates must be a positive integer" in err
+    # a manifest whose schema holds but whose dataset file is missing: refused by the checks, and
+    # the output root they found writable is still not created
+    manifest["methods"][0]["params"]["candidates"] = 4
+    manifest["datasets"]["harmful"] = {"source": str(tmp_path / "missing.csv")}
+    bad.write_text(yaml.safe_dump(manifest))
+    code, _, err = moesafe(capsys, "run", str(bad), "--out", str(tmp_path / "out" / "nested"))
+    assert code == EXIT_BAD_INPUT and "  datasets.harmful: " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"], "a refused run writes nothing"
 
 
 def test_submit_to_an_unreachable_address_names_it(capsys):

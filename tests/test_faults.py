@@ -27,6 +27,7 @@ from core.chat import generate_greedy
 from core.configs import save_tiny_model, tiny_tokenizer
 from core.datasets import load_prompts
 from core.fsour import FsourParams, fsour_search
+from core.method import UnitKind
 from core.models import load_model
 from core.schemas import RESULT_TABLES
 from core.store import ResultStore
@@ -272,17 +273,52 @@ def test_unit_that_keeps_failing_is_recorded_and_the_rest_completes(cluster, tmp
     assert failed["kind"] == "fsour_precheck" and failed["attempts"] == MAX_ATTEMPTS
     assert failed["error"].startswith("IndexError: index out of range")
     assert len(units) > 1 and all(u["status"] == "ok" for u in units if u is not failed)
-    # the other prompts' rows are all there, and the metrics count them alone
+    # the other prompts' pre-checks are stored, but the plan stops at the stage that failed: no
+    # restart is searched and no metric is computed from three prompts of four
     assert {r["prompt_id"] for r in store.read_table("fsour_routes", run_id="keeps-failing").to_pylist()} == \
         {"p0", "p1", "p3"}
-    metrics = {m["metric"]: m for m in store.read_table("metrics", run_id="keeps-failing").to_pylist()}
-    assert metrics["asr_baseline"]["n"] == 3
+    assert len(units) == 4 and {u["kind"] for u in units} == {"fsour_precheck"}
+    assert store.read_table("metrics", run_id="keeps-failing").num_rows == 0
+    assert "fsour on short-vocab: stopped after a stage with failed units" in printed
     assert store.read_table("runs", run_id="keeps-failing").to_pylist()[0]["status"] == "incomplete"
 
     assert main(["status", "--out", out, "--run-id", "keeps-failing"]) == 0
     shown = capsys.readouterr().out
     assert f"failed units (1):\n  keeps-failing short-vocab {failed['unit_id']} (fsour, {MAX_ATTEMPTS} attempts): " \
            f"IndexError: index out of range" in shown
+
+
+# ---- a stage with a failed unit -------------------------------------------------------------
+
+def test_a_failed_unit_stops_its_plan_and_the_rerun_matches_an_undisturbed_run(cluster, undisturbed, tmp_path,
+                                                                               monkeypatch):
+    """A unit that fails on the first run only: the stages after it must not run on partial rows
+    (they used to, and their results were committed and then skipped by the rerun)."""
+    import core.safex
+
+    bootstrap = core.safex.METHOD.units["safex_bootstrap"]
+
+    def jailbreak_group_fails(unit, read, params):
+        if unit.payload["group"] == "jailbreak":
+            raise RuntimeError("injected: the jailbreak group's bootstrap fails in the first run")
+        return bootstrap.run(unit, read, params)
+
+    monkeypatch.setitem(core.safex.METHOD.units, "safex_bootstrap", UnitKind(jailbreak_group_fails, on_driver=True))
+    manifest, out = load_manifest(write_manifest(tmp_path)), str(tmp_path / "out")
+    first = run_manifest(manifest, out=out, progress=False)
+    assert not first.complete and first.units_failed == 1
+
+    store = ResultStore(out, read_only=True)
+    ok_kinds = {u["kind"] for u in store.read_table("units", run_id=RUN).to_pylist() if u["status"] == "ok"}
+    assert not ok_kinds & {"safex_sets", "safex_validation", "safex_metrics"}, "safex stopped at the failed stage"
+    assert {"fsour_metrics", "rosais_metrics", "steermoe_metrics"} <= ok_kinds, "the other methods went on"
+    assert {m["method"] for m in store.read_table("metrics", run_id=RUN).to_pylist()} == {"fsour", "rosais", "steermoe"}
+    assert store.read_table("runs", run_id=RUN).to_pylist()[0]["status"] == "incomplete"
+
+    monkeypatch.undo()
+    again = run_manifest(manifest, out=out, progress=False)
+    assert again.complete and again.units_failed == 0
+    assert snapshot(out) == undisturbed, "retried, then went on: the rows (metrics included) of an undisturbed run"
 
 
 # ---- a judge endpoint that fails -----------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.configs import save_tiny_model
-from core.fsour import (FsourParams, _encode, _joint_logprob, draw_candidates, fsour_attack, fsour_search,
+from core.fsour import (FsourParams, _encode, _joint_logprob, draw_candidates, fsour_restart, fsour_search,
                         select_restart)
 from core.judges import Verdict
 from core.models import load_model
@@ -94,20 +94,10 @@ class _JudgeSaysJailbrokenOnCall:
         return [Verdict(self.name, hit, 1.0 if hit else 0.0)]
 
 
-def test_attack_stops_restarts_once_jailbroken(tiny):
-    params = FsourParams(candidates=3, restarts=5, threshold=0.999, max_new_tokens=3)
-    rows, gens, selected = fsour_attack(tiny, _Item(), _JudgeSaysJailbrokenOnCall(2), params)
-    assert [r["restart"] for r in rows] == [-1, 0, 1]
-    assert selected == 2
-    assert [g["condition"] for g in gens] == ["baseline", "restart=0", "restart=1"]
-    rows, _, selected = fsour_attack(tiny, _Item(), _JudgeSaysJailbrokenOnCall(0), params)
-    assert [(r["restart"], r["forwards"]) for r in rows] == [(-1, 0)] and selected == 0
-
-
 def test_bad_parameters_and_missing_target_are_named(tiny):
     with pytest.raises(ValueError, match="fsour.candidates must be a positive integer"):
         FsourParams(candidates=0)
     with pytest.raises(ValueError, match="fsour.restarts"):
         FsourParams(restarts=-1)
     with pytest.raises(ValueError, match="has no target"):
-        fsour_attack(tiny, _Item(target=None), _JudgeSaysJailbrokenOnCall(99), FsourParams(candidates=2))
+        fsour_restart(tiny, _Item(target=None), 0, _JudgeSaysJailbrokenOnCall(99), FsourParams(candidates=2))

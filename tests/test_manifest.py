@@ -127,7 +127,7 @@ def test_to_yaml_round_trips():
     (edited("{regular: harmful, jailbreak: jb, benign: benign}", "{regular: harmful}"),
      r"^methods\[2\].datasets.jailbreak: required, but missing"),
     (edited("method: safex, datasets: {regular: harmful, jailbreak: jb, benign: benign}", "method: safex, dataset: harmful"),
-     r"^methods\[2\]: safex takes three prompt groups, not `dataset`"),
+     r"^methods\[2\]: safex takes prompt groups, not `dataset`"),
     # judge settings checked by the judge itself, without contacting it
     (edited("api_key_env: JUDGE_API_KEY", "timeout_s: -1"), r"^judges.sr: strongreject judge: timeout_s must be > 0, got -1"),
     (edited("api_key_env: JUDGE_API_KEY", "max_tokens: 0"), r"^judges.sr: strongreject judge: max_tokens must be > 0, got 0"),
@@ -272,12 +272,12 @@ def test_check_refuses_an_unwritable_output_root(world):
 
 
 def test_a_method_whose_module_is_missing_is_named(monkeypatch):
-    import jobs.manifest as manifest_module
+    import core.methods
 
-    monkeypatch.setitem(manifest_module.METHOD_PARAMS, "steermoe", "core.not_written_yet:SteerParams")
-    manifest_module._params_class.cache_clear()
+    monkeypatch.setitem(core.methods.METHODS, "steermoe", "core.not_written_yet")
+    core.methods.get_method.cache_clear()
     try:
         found = problems(GOOD)
     finally:
-        manifest_module._params_class.cache_clear()
+        core.methods.get_method.cache_clear()
     assert found == ["methods[3].params: method 'steermoe' is not available: module core.not_written_yet is missing"]

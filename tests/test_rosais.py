@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +11,7 @@ from core.chat import encode_chat, generate_batch
 from core.configs import save_tiny_model
 from core.judges import Verdict
 from core.models import load_model
-from core.rosais import (AFFIRMATIVE_WORDS, RosaisParams, affirmative_token_ids, asr_by_L, draw_masks,
+from core.rosais import (AFFIRMATIVE_WORDS, RosaisParams, affirmative_token_ids, draw_masks,
                          rank_layers, rosais_attack, rosais_scores)
 from core.routing import Route, mask_allowing
 from core.schemas import build_table
@@ -214,7 +213,6 @@ def test_attack_rows_generations_and_verdicts(lm, scores):
     # L = 0 is the unattacked answer
     unattacked = generate_batch(lm.model, lm.tokenizer, [p.prompt for p in PROMPTS], PARAMS.max_new_tokens)
     assert [g["answer"] for g in generations[:len(PROMPTS)]] == unattacked
-    assert asr_by_L(attack) == {L: 0.5 for L in range(n_L)}  # per L: True, False, missing
 
 
 def test_attack_masks_each_prompt_with_its_own_best_mask(lm, scores):
@@ -246,11 +244,3 @@ def test_attack_refuses_missing_scores_and_bad_L(lm, scores):
                       L_values=[1], params=PARAMS)
     with pytest.raises(ValueError, match="between 0 and"):
         rosais_attack(lm, PROMPTS, ranking, scores, judge=ListJudge(), L_values=[len(ranking) + 1], params=PARAMS)
-
-
-def test_asr_by_L_ignores_missing_verdicts():
-    rows = [{"L": 0, "jailbroken": False}, {"L": 0, "jailbroken": None}, {"L": 0, "jailbroken": True},
-            {"L": 2, "jailbroken": True}, {"L": 1, "jailbroken": None}]
-    asr = asr_by_L(rows)
-    assert list(asr) == [0, 1, 2]
-    assert asr[0] == 0.5 and math.isnan(asr[1]) and asr[2] == 1.0

@@ -46,7 +46,6 @@ SANDBOX_MODEL = "  - {name: sandbox, path: sandbox, dtype: float32}"
 
 @pytest.fixture(scope="module")
 def ray_cluster(sandbox_dir):
-    # "local": a new instance, not a cluster that happens to run on this machine already
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -85,6 +84,27 @@ def test_small_quickstart_runs_end_to_end_and_answers_queries(ray_cluster, tmp_p
             "safex_validation", "steer_rank"} <= {u["kind"] for u in units}
     runs = ResultStore(out).read_table("runs", run_id="t1").to_pylist()
     assert runs[0]["status"] == "finished" and runs[0]["ended_at"] is not None
+
+
+def test_every_judge_of_a_method_gets_its_verdicts_and_metrics(ray_cluster, tmp_path):
+    """`judges: [refusal, picky]`: the first decides (the method tables' `judge`), every answer keeps
+    both verdicts, and `metrics` has one row per (method, judge, metric)."""
+    text = (SMALL.format(run_id="judges", models=SANDBOX_MODEL, store_answers="full")
+            .replace("methods:\n", "judges:\n  picky: {type: refusal, phrases: [the]}\nmethods:\n")
+            .replace("    params:", "    judges: [refusal, picky]\n    params:"))
+    out = str(tmp_path / "out")
+    assert run_manifest(load_manifest(text), out=out, progress=False).complete
+    rows = json.loads(run_query("select method, dataset, judge, metric, value, n from metrics", out, "json"))
+    keys = [(r["method"], r["dataset"], r["judge"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)), "one row per (method, dataset, judge, metric)"
+    assert {k[0] for k in keys} == {"fsour", "rosais", "safex", "steermoe"}
+    for judge in ("refusal", "picky"):  # every judge has every metric
+        assert {k[:2] + k[3:] for k in keys if k[2] == judge} == {k[:2] + k[3:] for k in keys}
+    store = ResultStore(out)
+    gens = store.read_table("generations", run_id="judges").to_pylist()
+    assert gens and all([v["judge"] for v in g["verdicts"]] == ["refusal", "picky"] for g in gens)
+    for table in ("fsour_routes", "rosais_attack", "safex_validation"):
+        assert set(store.read_table(table, run_id="judges").column("judge").to_pylist()) == {"refusal"}, table
 
 
 def test_resumed_run_skips_finished_units_and_adds_no_duplicates(ray_cluster, tmp_path):

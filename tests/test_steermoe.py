@@ -105,7 +105,7 @@ def test_steering_selects_activated_and_never_deactivated(tiny):
     with c.record(keep_indices=True) as free:
         steer_generate(tiny, prompts, None, FixedJudge(), params)
     with c.record(keep_indices=True) as rec:
-        metrics, generations = steer_generate(tiny, prompts, route, FixedJudge(), params)
+        generations = steer_generate(tiny, prompts, route, FixedJudge(), params)
     unsteered = free.indices(0)
     assert not (unsteered == 3).any(-1).all() or torch.isin(unsteered, torch.tensor([5, 6])).any(), \
         "the unsteered model must not already route this way"
@@ -114,13 +114,12 @@ def test_steering_selects_activated_and_never_deactivated(tiny):
         for e in activated:
             assert (indices == e).any(-1).all(), f"layer {layer}: expert {e} missing from some token's top-k"
         assert not torch.isin(indices, torch.tensor(deactivated)).any()
-    assert metrics == [{"dataset": "toy", "method": "steermoe", "metric": "asr_steered", "value": 0.5, "n": 2}]
     assert [g["condition"] for g in generations] == ["steered"] * 3 and generations[0]["scope"] == "all"
-    build_table("metrics", metrics, **KEY)
+    assert [g["verdicts"][0].jailbroken for g in generations] == [True, False, None]
     build_table("generations", [{**g, "answer_sha256": "-", "store_answers": "all"} for g in generations], **KEY)
 
 
 def test_unsteered_generation_has_no_scope(tiny):
-    metrics, generations = steer_generate(tiny, _records(PROMPTS[:1]), None, FixedJudge(),
-                                          SteerParams(max_new_tokens=3), condition="baseline")
-    assert metrics[0]["metric"] == "asr_baseline" and generations[0]["scope"] is None
+    generations = steer_generate(tiny, _records(PROMPTS[:1]), None, FixedJudge(),
+                                 SteerParams(max_new_tokens=3), condition="baseline")
+    assert generations[0]["condition"] == "baseline" and generations[0]["scope"] is None

@@ -1,0 +1,172 @@
+"""A method as one object: its settings, its plan of work units, what runs each unit, the tables
+it writes and the reducer that turns its rows into `metrics`.
+
+Each method's `METHOD = Method(...)` sits in its own science module (core/fsour.py, ...), next
+to the code it schedules; core/methods.py is the one registry that manifest validation,
+planning, execution and the CLI read. Nothing here imports Ray, pydantic or a method.
+
+A plan is a generator: it yields the units of one stage, the scheduler runs them, and the plan
+then reads that stage's results back *from the store* to plan the next one. Because the store
+is the only source of truth, a resumed run re-enters the same plan, skips the units already
+committed, and ends with the same tables. A stage whose units did not all succeed ends the
+plan there (the run is incomplete); the next attempt retries them and then goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+Rows = dict[str, list[dict]]  # table -> rows, what a unit returns
+Read = Callable[[str], list[dict]]  # table -> this run's, model's and params' committed rows
+
+
+class PromptLike(Protocol):
+    """What the methods read from a prompt record (core.datasets.PromptRecord has it)."""
+
+    id: str
+    prompt: str
+    target: str | None
+    dataset: str
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    unit_id: str
+    model: str  # the manifest's model name
+    method: str
+    kind: str  # which UnitKind of the method runs it
+    payload: Mapping[str, Any]  # JSON-able inputs
+    on_driver: bool = False
+
+
+def make_unit(model_key: Mapping[str, Any], method: str, kind: str, payload: Mapping[str, Any],
+              on_driver: bool = False) -> WorkUnit:
+    """A unit whose id is the hash of its model, method, kind and inputs (prompt texts excluded: ids suffice)."""
+    determining = {k: v for k, v in payload.items() if k != "prompts"}
+    determining["prompt_ids"] = [p["id"] for p in payload.get("prompts", [])]
+    blob = json.dumps({"model": model_key, "method": method, "kind": kind, "inputs": determining},
+                      sort_keys=True, default=str)
+    return WorkUnit(f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}", model_key["name"], method, kind,
+                    dict(payload), on_driver)
+
+
+def chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def prompt_dicts(prompts: Sequence[PromptLike]) -> list[dict]:
+    return [dataclasses.asdict(p) for p in prompts]
+
+
+def records(payload: Mapping[str, Any]) -> list[PromptLike]:
+    """The prompt records a unit's payload carries."""
+    from core.datasets import PromptRecord
+
+    return [PromptRecord(**p) for p in payload["prompts"]]
+
+
+def params_hash(params_json: str) -> str:
+    """The `params_hash` column: tells two settings of one method apart in `metrics`."""
+    return hashlib.sha256(params_json.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PlanContext:
+    """What a plan needs: the model, the method entry's settings, prompts, and stored results."""
+
+    model_key: Mapping[str, Any]
+    method: str
+    params: Any  # the method's params dataclass
+    judges: tuple[str, ...]  # manifest judge names; the first decides
+    prompts: Mapping[str, list[PromptLike]]  # dataset role -> prompts
+    datasets: Mapping[str, str]  # dataset role -> dataset name in the manifest
+    prompts_per_unit: int
+    rounds_per_unit: int
+    num_layers: int  # MoE layers of the model
+    read: Read
+    # ids of the units of every stage planned so far (the scheduler appends each stage's): a later
+    # unit's id hashes them, so a unit derived from other inputs is a different unit
+    upstream: list[str] = field(default_factory=list)
+
+    def unit(self, kind: str, on_driver: bool = False, **payload) -> WorkUnit:
+        base = {"params": dataclasses.asdict(self.params), "judges": list(self.judges),
+                "datasets": dict(self.datasets),
+                "upstream": hashlib.sha256(" ".join(sorted(self.upstream)).encode()).hexdigest()[:16]}
+        return make_unit(self.model_key, self.method, kind, {**base, **payload}, on_driver)
+
+    def prompt_units(self, kind: str, prompts: Sequence[PromptLike], **payload) -> list[WorkUnit]:
+        return [self.unit(kind, prompts=prompt_dicts(chunk), **payload)
+                for chunk in chunks(prompts, self.prompts_per_unit)]
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """How one kind of unit runs. On a model actor: run(unit, lm, judge, params) with `judge` a
+    core.chat.JudgePanel; on the driver: run(unit, read, params), arithmetic over stored rows."""
+
+    run: Callable[..., Rows]
+    on_driver: bool = False
+
+
+# reduce(read, datasets, judge) -> metric rows {dataset, metric, value, n} for one judge
+Reducer = Callable[[Read, Mapping[str, str], str], list[dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: type  # a frozen dataclass with defaults, its own checks and to_json()
+    plan: Callable[[PlanContext], Iterator[list[WorkUnit]]]  # the stages before the metrics
+    units: Mapping[str, UnitKind]  # kind -> how it runs
+    reduce: Reducer  # fills `metrics`, once per judge, in a last stage of its own
+    tables: tuple[str, ...]  # result tables its units write (besides metrics)
+    needs_target: bool = False  # every prompt needs a target reply
+    roles: tuple[str, ...] = ("dataset",)  # dataset roles: ("dataset",) is `dataset: name`
+    optional_roles: tuple[str, ...] = ()
+    # check_model(params, num_experts, top_k) raises ValueError when the settings cannot run on a model
+    check_model: Callable[[Any, int, int], None] | None = None
+
+    @property
+    def metrics_kind(self) -> str:
+        return f"{self.name}_metrics"
+
+    def stages(self, ctx: PlanContext) -> Iterator[list[WorkUnit]]:
+        yield from self.plan(ctx)
+        yield [ctx.unit(self.metrics_kind, on_driver=True)]
+
+    def kind(self, name: str) -> UnitKind:
+        if name == self.metrics_kind:
+            return UnitKind(self._metrics, on_driver=True)
+        return self.units[name]
+
+    def build_params(self, params: Mapping[str, Any]) -> Any:
+        return self.params(**params)
+
+    def _metrics(self, unit: WorkUnit, read: Read, params: Any) -> Rows:
+        hashed = params_hash(params.to_json())
+        return {"metrics": [{**row, "method": self.name, "judge": judge, "params_hash": hashed}
+                            for judge in unit.payload["judges"]
+                            for row in self.reduce(read, unit.payload["datasets"], judge)]}
+
+
+# ---- what reducers share -----------------------------------------------------------------------
+
+def rate(dataset: str | None, metric: str, decided: Sequence[bool]) -> dict:
+    """A metrics row: the share of True among decided verdicts (NaN when none was decided)."""
+    return {"dataset": dataset, "metric": metric,
+            "value": sum(decided) / len(decided) if decided else math.nan, "n": len(decided)}
+
+
+def verdicts_of(read: Read, method: str, judge: str) -> dict[tuple[str, str, str], dict]:
+    """(dataset, condition, prompt id) -> `judge`'s verdict on that generation of `method`."""
+    found = {}
+    for row in read("generations"):
+        if row["method"] == method:
+            for verdict in row["verdicts"]:
+                if verdict["judge"] == judge:
+                    found[(row["dataset"], row["condition"], row["prompt_id"])] = verdict
+    return found
