@@ -30,16 +30,31 @@ _TINY: dict[str, dict] = {
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "phimoe": dict(num_local_experts=8, num_experts_per_tok=2),
 }
+# Variants for the code paths a family's default skips: name -> (model_type, config overrides).
+# deepseek_v2_grouped takes `group_limited_greedy`; with k = 3 over 2 of 4 groups of 2 experts,
+# a forced set can span more groups than the limit allows.
+_TINY_VARIANTS: dict[str, tuple[str, dict]] = {
+    "deepseek_v2_grouped": ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                                num_experts_per_tok=3)),
+}
+# A trained deepseek_v3 has a non-zero e_score_correction_bias; the init's zero one would make the
+# choice score (sigmoid + bias) and the weights (raw sigmoid) the same thing, hiding which is used.
+# Its router weights are widened too (logits ~ N(0, 1.5²) instead of ~0.1²), so that the sigmoid
+# scores spread over (0, 1) and the bias shifts the choice without deciding it alone.
+CORRECTION_BIAS_STD = 0.5
+CORRECTION_ROUTER_STD = 0.25
 
 
-def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
-    """A few-layer, few-expert config of `model_type` with random-init-friendly sizes."""
+def tiny_config(name: str, **overrides) -> PretrainedConfig:
+    """A few-layer, few-expert config of a family (or a variant's name) with random-init-friendly sizes."""
+    model_type, variant = _TINY_VARIANTS.get(name, (name, {}))
     if model_type not in _TINY:
-        raise ValueError(f"no tiny config for {model_type!r}; known: {', '.join(sorted(_TINY))}")
-    return AutoConfig.for_model(model_type, **{**_TINY_COMMON, **_TINY[model_type], **overrides})
+        raise ValueError(f"no tiny config for {name!r}; known: {', '.join(sorted(TINY_MODELS))}")
+    return AutoConfig.for_model(model_type, **{**_TINY_COMMON, **_TINY[model_type], **variant, **overrides})
 
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_TINY)
+TINY_MODELS: tuple[str, ...] = TINY_FAMILIES + tuple(_TINY_VARIANTS)  # every family, then the variants
 
 
 TINY_CHAT_TEMPLATE = (
@@ -62,8 +77,9 @@ def tiny_tokenizer(vocab_size: int = 128):
                                    unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE)
 
 
-def save_tiny_model(model_type: str, path, seed: int = 0, tokenizer=None, **overrides):
-    """Build a random tiny model of `model_type`, save it with a tokenizer to `path`, return path.
+def save_tiny_model(name: str, path, seed: int = 0, tokenizer=None, **overrides):
+    """Build a random tiny model `name` (a family or a variant, see `tiny_config`), save it with a
+    tokenizer to `path`, return path.
 
     `tokenizer` (e.g. the sandbox's, to read real prompts) replaces the `w0 .. wN` one and sets
     the vocabulary size."""
@@ -73,7 +89,13 @@ def save_tiny_model(model_type: str, path, seed: int = 0, tokenizer=None, **over
     if tokenizer is not None:
         overrides["vocab_size"] = len(tokenizer)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    model = AutoModelForCausalLM.from_config(tiny_config(name, **overrides))
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:
+                bias.normal_(0.0, CORRECTION_BIAS_STD)
+                module.weight.normal_(0.0, CORRECTION_ROUTER_STD)
     model.save_pretrained(path)
     (tokenizer or tiny_tokenizer(model.config.vocab_size)).save_pretrained(path)
     return path

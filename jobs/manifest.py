@@ -30,7 +30,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 from pydantic_core import PydanticCustomError
 
 from core.datasets import DATASETS, FIELDS, FILE_TYPES, DatasetError, PromptRecord, load_prompts
-from core.judges import JUDGES, Judge, make_judge
+from core.judges import JUDGES, RENAMED_JUDGES, Judge, make_judge
 from core.method import Method
 from core.methods import METHODS, get_method
 from core.schemas import STORE_ANSWERS
@@ -171,6 +171,8 @@ class JudgeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _buildable(self) -> JudgeSpec:
+        if self.type in RENAMED_JUDGES:
+            raise _problem(RENAMED_JUDGES[self.type], at=".type")
         if self.type not in JUDGES:
             raise _problem(f"is not one of {', '.join(JUDGES)}", at=".type", value=self.type)
         accepted = list(inspect.signature(JUDGES[self.type]).parameters)

@@ -331,7 +331,7 @@ models:
 datasets:
   harmful: {{source: sandbox, split: regular, limit: 3}}
 judges:
-  sr: {{type: strongreject, base_url: "{url}", model: judge-test, timeout_s: 0.3, max_retries: 1, backoff_s: 0.01}}
+  sr: {{type: rubric, base_url: "{url}", model: judge-test, timeout_s: 0.3, max_retries: 1, backoff_s: 0.01}}
 methods:
   - method: steermoe
     dataset: harmful

@@ -1,4 +1,7 @@
-"""F-SOUR: the batched search is faithful to the serial reference, and the restart logic is the SPEC's."""
+"""F-SOUR: the batched search agrees with its serial scorer, and the restart logic is the SPEC's.
+
+Both scorers run under one loop here; the independent check (a reference loop sharing no code
+with core/fsour.py, with exact ties) is tests/test_fsour_reference.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -21,7 +21,7 @@ datasets:
   jb: {source: sandbox, split: jailbreak, limit: 4}
   benign: {source: sandbox, split: benign, limit: 4}
 judges:
-  sr: {type: strongreject, base_url: "http://127.0.0.1:8000/v1", model: judge-model, api_key_env: JUDGE_API_KEY}
+  sr: {type: rubric, base_url: "http://127.0.0.1:8000/v1", model: judge-model, api_key_env: JUDGE_API_KEY}
 methods:
   - {method: fsour, dataset: harmful, params: {candidates: 10, restarts: 2}}
   - {method: rosais, dataset: harmful, params: {s1: 4, affirmative: [Sure, Here]}}
@@ -112,8 +112,11 @@ def test_to_yaml_round_trips():
     # unknown method, judge type, and names that resolve to nothing
     (edited("method: steermoe", "method: steermo"),
      r"^methods\[3\].method: 'steermo' is not one of 'fsour', 'rosais', 'safex' or 'steermoe'"),
-    (edited("type: strongreject", "type: strongrejct"),
-     r"^judges.sr.type: 'strongrejct' is not one of refusal, strongreject, classifier"),
+    (edited("type: rubric", "type: rubrik"),
+     r"^judges.sr.type: 'rubrik' is not one of refusal, rubric, classifier"),
+    (edited("type: rubric", "type: strongreject"),
+     r"^judges.sr.type: judge type 'strongreject' is now 'rubric': .* not comparable with published "
+     r"StrongREJECT figures; write `type: rubric`, and add `rubric_file:`"),
     (edited("method: fsour, dataset: harmful", "method: fsour, dataset: harmfull"),
      r"^methods\[0\].dataset: 'harmfull' is not a dataset in this manifest; defined: harmful, jb, benign"),
     (edited("jailbreak: jb", "jailbreak: jbb"),
@@ -129,8 +132,10 @@ def test_to_yaml_round_trips():
     (edited("method: safex, datasets: {regular: harmful, jailbreak: jb, benign: benign}", "method: safex, dataset: harmful"),
      r"^methods\[2\]: safex takes prompt groups, not `dataset`"),
     # judge settings checked by the judge itself, without contacting it
-    (edited("api_key_env: JUDGE_API_KEY", "timeout_s: -1"), r"^judges.sr: strongreject judge: timeout_s must be > 0, got -1"),
-    (edited("api_key_env: JUDGE_API_KEY", "max_tokens: 0"), r"^judges.sr: strongreject judge: max_tokens must be > 0, got 0"),
+    (edited("api_key_env: JUDGE_API_KEY", "timeout_s: -1"), r"^judges.sr: rubric judge: timeout_s must be > 0, got -1"),
+    (edited("api_key_env: JUDGE_API_KEY", "max_tokens: 0"), r"^judges.sr: rubric judge: max_tokens must be > 0, got 0"),
+    (edited("api_key_env: JUDGE_API_KEY", "rubric_file: /nonexistent/rubric.txt"),
+     r"^judges.sr: rubric judge: rubric_file '/nonexistent/rubric.txt' does not exist: give the path"),
 ])
 def test_mistake_names_its_field(text, expected):
     found = problems(text)

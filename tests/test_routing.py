@@ -1,11 +1,13 @@
 """Route control on tiny models of all eight families, saved and loaded back through load_model."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.configs import TINY_FAMILIES, save_tiny_model, tiny_config
+from core.configs import TINY_MODELS, save_tiny_model, tiny_config
 from core.families import FAMILIES
 from core.models import ModelLoadError, load_model
 from core.routing import Route
@@ -13,11 +15,13 @@ from core.routing import Route
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_MODELS)
 def tiny(request, tmp_path_factory):
-    """(family, model directory, model loaded in float64 with route control)."""
+    """(family, model directory, model loaded in float64 with route control); every family, and
+    the variants that take a family's other code paths."""
     path = save_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
-    return request.param, path, load_model(str(path), dtype="float64")
+    loaded = load_model(str(path), dtype="float64")
+    return loaded.control.family.model_type, path, loaded
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -301,6 +305,115 @@ def test_route_rejects_unknown_layer(tiny):
 def test_tiny_configs_keep_family_features():
     assert tiny_config("deepseek_v2").first_k_dense_replace == 1
     assert tiny_config("qwen2_moe").norm_topk_prob is False
+    assert tiny_config("deepseek_v2_grouped").topk_method == "group_limited_greedy"
+
+
+# --- deepseek: the choice score vs the weights, and the group-limited path -------------------------
+
+@pytest.fixture(scope="module")
+def deepseek_v3(tmp_path_factory):
+    return load_model(str(save_tiny_model("deepseek_v3", tmp_path_factory.mktemp("dsv3"))), dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def deepseek_v2_grouped(tmp_path_factory):
+    path = save_tiny_model("deepseek_v2_grouped", tmp_path_factory.mktemp("dsv2g"))
+    return load_model(str(path), dtype="float64")
+
+
+def _tapped_forward(loaded, ids, route: Route | None = None):
+    """The routers' final (logits, weights, indices) per MoE layer for one forward."""
+    tap = RouterTap(loaded.control)
+    with torch.no_grad(), (loaded.control.apply(route) if route else contextlib.nullcontext()):
+        loaded.model(ids)
+    tap.close()
+    return {l: calls[-1] for l, calls in tap.calls.items()}
+
+
+def _groups_used(indices: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) number of distinct expert groups in each token's top-k: indices (N, k)."""
+    return (indices // group_size).sort(-1).values.diff(dim=-1).ne(0).sum(-1) + 1
+
+
+def test_deepseek_v3_bias_moves_the_choice_but_not_the_weights(deepseek_v3):
+    """The fixture can tell choice score from weights: its bias changes which experts win, and
+    the model's own router weights the winners by the raw sigmoid, not by sigmoid + bias."""
+    c = deepseek_v3.control
+    for l, (logits, weights, indices) in _tapped_forward(deepseek_v3, _ids(1, 16, seed=11)).items():
+        router = c.layers[l].router
+        assert router.e_score_correction_bias.abs().max() > 0.5, "the tiny deepseek_v3 bias must be sizeable"
+        scores = logits.sigmoid()
+        unbiased = scores.topk(c.top_k, dim=-1).indices.sort(-1).values
+        assert not torch.equal(unbiased, indices.sort(-1).values), f"layer {l}: the bias should change some choice"
+        raw = scores.gather(1, indices)
+        biased = (scores + router.e_score_correction_bias).gather(1, indices).to(weights.dtype)
+        scale = router.routed_scaling_factor
+        torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True) * scale)
+        assert not torch.allclose(weights, biased / biased.sum(-1, keepdim=True) * scale)
+
+
+def test_deepseek_v3_mask_goes_to_the_choice_score(deepseek_v3):
+    """Blocking the expert with the largest correction bias: a mask on the raw logits would leave
+    that expert its bias (sigmoid(-inf) + bias = bias) and it would still win; a mask on the
+    choice score removes it. Winners are weighted by the raw sigmoid, renormalised, x scale."""
+    c = deepseek_v3.control
+    ids = _ids(1, 16, seed=12)
+    favourite = {l: int(layer.router.e_score_correction_bias.argmax()) for l, layer in enumerate(c.layers)}
+    free = _tapped_forward(deepseek_v3, ids)
+    blocked = Route.disable({l: [e] for l, e in favourite.items()}, c.num_experts)
+    masked = _tapped_forward(deepseek_v3, ids, blocked)
+    for l, (logits, weights, indices) in masked.items():
+        router = c.layers[l].router
+        assert (free[l][2] == favourite[l]).any(), f"layer {l}: the favourite should win unmasked"
+        assert not (indices == favourite[l]).any(), f"layer {l}: a blocked expert was chosen"
+        # the family rule by hand: sigmoid + bias, favourite blocked, best topk_group groups (sum of top 2)
+        choice = (logits.sigmoid() + router.e_score_correction_bias).index_fill(1, torch.tensor([favourite[l]]),
+                                                                                 float("-inf"))
+        groups = choice.view(len(choice), router.num_group, -1)
+        keep = groups.topk(2, dim=-1).values.sum(-1).topk(router.topk_group, dim=-1).indices
+        allowed = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter(1, keep, True)
+        limited = groups.masked_fill(~allowed[..., None], float("-inf")).view_as(choice)
+        expected = limited.topk(c.top_k, dim=-1).indices
+        assert torch.equal(indices.sort(-1).values, expected.sort(-1).values), f"layer {l}"
+        raw = logits.sigmoid().gather(1, indices)
+        torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True) * router.routed_scaling_factor)
+
+
+def test_deepseek_v2_group_limited_path_is_taken(deepseek_v2_grouped):
+    """Unmasked tokens keep to topk_group groups, which greedy top-k would not always do."""
+    c = deepseek_v2_grouped.control
+    free = _tapped_forward(deepseek_v2_grouped, _ids(1, 16, seed=13))
+    for l, (logits, weights, indices) in free.items():
+        router = c.layers[l].router
+        assert router.topk_method == "group_limited_greedy"
+        group_size = c.num_experts // router.num_group
+        assert (_groups_used(indices, group_size) <= router.topk_group).all()
+        greedy = logits.softmax(-1).topk(c.top_k, dim=-1).indices
+        assert (_groups_used(greedy, group_size) > router.topk_group).any(), "the limit should bite"
+
+
+def test_deepseek_v2_grouped_forced_set_across_groups_and_disabled_group(deepseek_v2_grouped):
+    """A forced set spanning more groups than the limit is the set used (the limit is lifted
+    for those tokens), weighted by the softmax over the set; disabling a whole group routes
+    within the other groups, still inside the limit."""
+    c = deepseek_v2_grouped.control
+    router = c.layers[0].router
+    group_size = c.num_experts // router.num_group
+    ids = _ids(1, 10, seed=14)
+    spanning = torch.tensor([0, group_size, 2 * group_size])  # one expert in each of 3 groups
+    assert len(spanning) == c.top_k and router.topk_group < 3
+    forced = _tapped_forward(deepseek_v2_grouped, ids, Route.force({0: spanning[None]}, c.num_experts))
+    logits, weights, indices = forced[0]
+    assert (indices.sort(-1).values == spanning).all()
+    torch.testing.assert_close(weights, logits.gather(1, indices).softmax(-1) * router.routed_scaling_factor)
+    # disable the group the free run uses most
+    free = _tapped_forward(deepseek_v2_grouped, ids)
+    busiest = int((free[0][2] // group_size).flatten().mode().values)
+    group = list(range(busiest * group_size, (busiest + 1) * group_size))
+    _, weights, indices = _tapped_forward(deepseek_v2_grouped, ids, Route.disable({0: group}, c.num_experts))[0]
+    assert not torch.isin(indices, torch.tensor(group)).any()
+    assert (_groups_used(indices, group_size) <= router.topk_group).all()
+    assert (weights > 0).all()
 
 
 def test_model_loads_from_s3_once(tmp_path, s3_bucket, monkeypatch):

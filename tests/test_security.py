@@ -56,7 +56,7 @@ models:
 datasets:
   harmful: {{source: {csv}}}
 judges:
-  sr: {{type: strongreject, base_url: "{url}", model: judge-test, api_key_env: {key_env}, max_retries: 0}}
+  sr: {{type: rubric, base_url: "{url}", model: judge-test, api_key_env: {key_env}, max_retries: 0}}
 methods:
   - method: steermoe
     dataset: harmful
@@ -188,7 +188,7 @@ models:
 datasets:
   harmful: {{source: sandbox, split: regular, limit: 2}}
 judges:
-  sr: {{type: strongreject, base_url: "http://127.0.0.1:9/v1", model: "{code}"}}
+  sr: {{type: rubric, base_url: "http://127.0.0.1:9/v1", model: "{code}"}}
 methods:
   - {{method: steermoe, dataset: harmful, judge: sr}}
 """)
