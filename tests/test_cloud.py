@@ -74,7 +74,7 @@ def test_autoscaling_cluster_waits_for_nodes_reuses_units_and_matches_a_fixed_cl
     second = write(tmp_path, "second", SANDBOX_ON_GPU_NODE + "\n" + added)
     too_big = write(tmp_path, "too-big", SANDBOX_ON_GPU_NODE.replace("num_gpus: 1", "num_gpus: 2"))
     keyless = write(tmp_path, "keyless", SANDBOX_ON_GPU_NODE, judge="graded", judges=(
-        "  graded: {type: strongreject, base_url: 'http://127.0.0.1:9/v1', model: m, "
+        "  graded: {type: rubric, base_url: 'http://127.0.0.1:9/v1', model: m, "
         "api_key_env: MOESAFE_TEST_ABSENT_KEY}"))
     work = tmp_path / "work"
     work.mkdir()
