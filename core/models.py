@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,22 +121,22 @@ def _download_s3(prefix: str) -> Path:
 
 
 def _s3_config_dir(prefix: str) -> Path:
-    """A directory holding only the config.json of the model under `prefix` (planning reads no weights)."""
+    """A directory holding only the config.json of the model under `prefix`, read afresh (one
+    small GET: the prefix may hold another model since the last look); no weights are read."""
     import s3fs
 
     target = _s3_cache_dir(prefix, "configs")
     config_file = prefix.rstrip("/") + "/config.json"
-    if not (target / "config.json").exists():
-        try:
-            data = s3fs.S3FileSystem().cat_file(config_file)
-        except FileNotFoundError:
-            raise ModelLoadError(f"{config_file} does not exist: point `path` at a saved model's prefix") from None
-        except Exception as error:  # botocore's credential and permission errors share no useful base
-            raise ModelLoadError(f"cannot read {config_file}: {type(error).__name__}: {error}") from None
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".config.json.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, target / "config.json")
+    try:
+        data = s3fs.S3FileSystem().cat_file(config_file)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{config_file} does not exist: point `path` at a saved model's prefix") from None
+    except Exception as error:  # botocore's credential and permission errors share no useful base
+        raise ModelLoadError(f"cannot read {config_file}: {type(error).__name__}: {error}") from None
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".config.json.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, target / "config.json")
     return target
 
 
