@@ -24,6 +24,7 @@ test: setup
 quickstart: setup
 	$(VENV)/bin/moesafe sandbox
 	$(VENV)/bin/moesafe run manifests/quickstart.yaml --out results/quickstart
+	$(VENV)/bin/moesafe report --out results/quickstart
 
 bench: setup
 	$(PY) benchmarks/fsour_bench.py

@@ -62,6 +62,7 @@ class FsourRun:
     forwards: int
     candidates: int
     seconds: float
+    prompt_tokens: int  # P: a route step's `token` is a position in 0..P-1
     masks: dict[int, torch.Tensor] = field(repr=False)  # layer -> (1, P, E) for applying the route
 
 
@@ -217,7 +218,7 @@ def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
             if best >= stop_at:
                 break
     return FsourRun(restart, steps, best, evaluate.forwards, evaluated, time.perf_counter() - start,
-                    {l: masks[l][None] for l in forced})
+                    problem.prompt_len, {l: masks[l][None] for l in forced})
 
 
 # ---- judged restarts: the units the runtime schedules ------------------------------------------
@@ -228,7 +229,7 @@ def _row(item: PromptLike, restart: int, verdict, params: FsourParams, run: Fsou
         "route": run.route if run else [], "joint_logprob": run.joint_logprob if run else None,
         "forwards": run.forwards if run else 0, "candidates": run.candidates if run else 0,
         "seconds": seconds, "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": verdict.judge,
-        "scope": params.scope, "params": params.to_json(),
+        "prompt_tokens": run.prompt_tokens if run else None, "scope": params.scope, "params": params.to_json(),
     }
 
 

@@ -163,7 +163,8 @@ _ALL = [
         _col("judge", pa.string()),
         _col("n_disabled", pa.int32()),
     ], masked=True),
-    _method_table("fsour_routes", 1, "F-SOUR one row per prompt x restart (SPEC §3)", [
+    # v2: prompt_tokens, so that where a route changed can be read from the end of the prompt.
+    _method_table("fsour_routes", 2, "F-SOUR one row per prompt x restart (SPEC §3)", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("restart", pa.int32()),              # 0..R-1; -1 = the unrouted pre-check (iterations = 0)
@@ -175,6 +176,7 @@ _ALL = [
         _col("jailbroken", pa.bool_(), nullable=True),
         _col("score", pa.float64(), nullable=True),
         _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
+        _col("prompt_tokens", pa.int32(), nullable=True),  # P, the chat-templated prompt's length; null: pre-check
     ], masked=True),
     _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking (SPEC §5)", [
         _col("dataset", pa.string()),

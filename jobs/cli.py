@@ -9,6 +9,7 @@
     moesafe submit MANIFEST --address http://HEAD:8265 [--out s3://...] [--run-id ID] [--env NAME]...
     moesafe status [--out ROOT] [--run-id ID]
     moesafe query "SQL" [--out ROOT] [--format table|csv|json]
+    moesafe report [--out ROOT] [--run-id ID ...] [--html FILE] [--compare RUN_A RUN_B]
 
 Exit codes: 0 done, 1 a run finished with failed units, 2 bad input (manifest, SQL, address,
 result root), with a message on stderr.
@@ -107,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("sql")
     out_arg(sub)
     sub.add_argument("--format", default="table", choices=("table", "csv", "json"))
+
+    sub = command("report", cmd_report, "write one self-contained HTML page of the runs under a result root")
+    out_arg(sub)
+    sub.add_argument("--run-id", nargs="+", help="only these runs (default: every run under --out)")
+    sub.add_argument("--html", help="the page to write (default: ROOT/report.html; for an s3:// root, "
+                                    "report-<bucket-prefix>.html here)")
+    sub.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                     help="add the metric deltas of RUN_B against RUN_A")
     return parser
 
 
@@ -120,7 +129,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     else:
         width = max(map(len, report))
         for key, value in report.items():
-            print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            if isinstance(value, dict):  # per-wording rates: one indented line each
+                print(key)
+                for part, rate in value.items():
+                    print(f"  {rate:.3f}  {part}")
+            else:
+                print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
 
@@ -304,6 +318,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise CliError(f"{type(error).__name__}: {' '.join(str(error).split())}") from None
     if result:  # CSV ends in a newline already; a statement without rows prints nothing
         print(result, end="" if result.endswith("\n") else "\n")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import ReportError, write_report
+
+    run_ids = [_checked_run_id(r) for r in args.run_id or []]
+    compare = tuple(_checked_run_id(r) for r in args.compare) if args.compare else None
+    try:
+        path = write_report(args.out, args.html, run_ids or None, compare)
+    except ReportError as error:
+        raise CliError(str(error)) from None
+    print(os.path.abspath(path))
     return 0
 
 
