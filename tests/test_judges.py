@@ -346,9 +346,9 @@ def test_rubric_file_errors_name_the_file_and_the_fix(tmp_path):
 # --- registry -------------------------------------------------------------------------------------
 
 def test_make_judge_registry_errors():
-    assert set(JUDGES) == {"refusal", "rubric", "classifier"}
+    assert set(JUDGES) == {"refusal", "rubric", "classifier", "sandbox"}
     with pytest.raises(ValueError, match="unknown judge 'llama': known judges are classifier, "
-                                         "refusal, rubric"):
+                                         "refusal, rubric, sandbox"):
         make_judge("llama")
     with pytest.raises(ValueError, match="bad settings for judge 'rubric'.*base_url, model"):
         make_judge("rubric", base_url="http://h/v1", modle="x")
