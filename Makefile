@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moesafe-installed
 
-.PHONY: setup test quickstart bench clean
+.PHONY: setup test quickstart figures bench clean
 
 setup: $(STAMP)
 
@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# Results go to results/, the default --out of `moesafe status` and `moesafe query`.
 quickstart: setup
 	$(VENV)/bin/moesafe sandbox
-	$(VENV)/bin/moesafe run manifests/quickstart.yaml --out results/quickstart
+	$(VENV)/bin/moesafe run manifests/quickstart.yaml --out results
+	$(VENV)/bin/moesafe report --out results
+
+# Rewrites README.md's quickstart figures from the quickstart run in results/ (running it if needed).
+figures: setup
+	$(PY) benchmarks/readme_figures.py --out results --run
 
 bench: setup
 	$(PY) benchmarks/fsour_bench.py

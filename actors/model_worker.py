@@ -10,6 +10,9 @@ Task retries are unlimited and restarts bounded: while a lost node is being dete
 its actor is "temporarily unavailable" and every retry fails at once, so a finite retry count is
 used up before the actor can restart elsewhere. A unit that kills its process every time still
 ends, when the restarts run out.
+
+A model with `shards: S` is a replica of S shard actors (actors/shard_worker.py) driven from here;
+this actor then holds no weights and asks for no resources of its own.
 """
 from __future__ import annotations
 
@@ -35,10 +38,20 @@ class ModelWorker:
 
     def __init__(self, model: Mapping[str, Any], judges: Mapping[str, Any], store_root: str, run_id: str,
                  store_answers: str):
-        self.lm = load_model(resolve_model_path(model["path"]), name=model["name"], dtype=model["dtype"],
-                             device_map=model.get("device_map"),
-                             experts_implementation=model.get("experts_implementation"),
-                             trust_remote_code=model.get("trust_remote_code", False))
+        path = resolve_model_path(model["path"])
+        self.stages = None  # a sharded replica's shard actors (actors/shard_worker.py)
+        if model.get("shards", 1) > 1:
+            from actors.shard_worker import RayStages, start_shards
+            from core.sharding import sharded_loaded_model
+
+            # issue 12's placement group (S bundles, PACK) goes here: start_shards(model, path, group)
+            self.stages = RayStages(lambda: start_shards(model, path))
+            self.lm = sharded_loaded_model(path, self.stages, name=model["name"],
+                                           trust_remote_code=model.get("trust_remote_code", False))
+        else:
+            self.lm = load_model(path, name=model["name"], dtype=model["dtype"], device_map=model.get("device_map"),
+                                 experts_implementation=model.get("experts_implementation"),
+                                 trust_remote_code=model.get("trust_remote_code", False))
         # judges: name -> a JudgeWorker handle (runs on its own actor) or settings to build one here
         self.judges = {name: RemoteJudge(j) if isinstance(j, ray.actor.ActorHandle) else make_judge(**j)
                        for name, j in judges.items()}
@@ -49,7 +62,7 @@ class ModelWorker:
         """Run one unit and commit its rows; returns {"status", "seconds", "error"}."""
         start = time.perf_counter()
         try:
-            tables = execute_unit(unit, self.lm, self.judges, self.store_answers)
+            tables = self._execute(unit)
             seconds = time.perf_counter() - start
             self.store.write_unit(self.run_id, unit.model, unit.unit_id, tables, {
                 "method": unit.method, "kind": unit.kind, "status": "ok", "attempts": attempt,
@@ -57,6 +70,17 @@ class ModelWorker:
             return {"status": "ok", "seconds": seconds, "error": None}
         except Exception as e:  # reported to the scheduler, which bounds the attempts
             return {"status": "failed", "seconds": time.perf_counter() - start, "error": error_text(e)}
+
+    def _execute(self, unit: WorkUnit) -> dict:
+        """The unit's rows. A shard that dies takes its replica down: rebuilt, the unit runs again
+        from the start (no rows were written for the failed try)."""
+        try:
+            return execute_unit(unit, self.lm, self.judges, self.store_answers)
+        except ray.exceptions.RayActorError:
+            if self.stages is None:
+                raise
+            self.stages.rebuild()
+            return execute_unit(unit, self.lm, self.judges, self.store_answers)
 
 
 class RemoteJudge:

@@ -181,22 +181,42 @@ def _read_file(urlpath: str) -> Table:
 
                 table = pq.read_table(raw)
                 return list(table.column_names), table.to_pylist()
-            # utf-8-sig: spreadsheet exports often start with a byte-order mark
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            return _read_csv(text) if suffix == ".csv" else _read_jsonl(text, urlpath)
+            data = raw.read()
     except FileNotFoundError:
         raise DatasetError(f"{urlpath}: no such file") from None
     except OSError as error:
         raise DatasetError(f"cannot read {urlpath}: {error}") from error
+    text = io.StringIO(_decode(data, urlpath), newline="")
+    return _read_csv(text, urlpath) if suffix == ".csv" else _read_jsonl(text, urlpath)
 
 
-def _read_csv(text: io.TextIOWrapper) -> Table:
+def _decode(data: bytes, urlpath: str) -> str:
+    """The file's text; DatasetError naming the line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{urlpath} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                           f"{error.start}); save the file as UTF-8") from None
+
+
+def _read_csv(text: io.StringIO, urlpath: str) -> Table:
     reader = csv.DictReader(text)
-    rows = list(reader)
+    rows: list[dict[str, Any]] = []
+    try:
+        for row in reader:
+            rows.append(row)
+    except csv.Error as error:
+        # line_num counts the physical lines parsed before the failing one
+        where = f"{urlpath} line {reader.line_num + 1} (data row {len(rows)}, 0-based)"
+        if "field larger than field limit" in str(error):
+            raise DatasetError(f"{where}: a field longer than {csv.field_size_limit():,} characters; no prompt is "
+                               f"that long: is a quote left open, or is this not a prompt file?") from None
+        raise DatasetError(f"{where}: not valid CSV ({error})") from None
     return list(reader.fieldnames or []), rows
 
 
-def _read_jsonl(text: io.TextIOWrapper, urlpath: str) -> Table:
+def _read_jsonl(text: io.StringIO, urlpath: str) -> Table:
     columns: dict[str, None] = {}  # insertion-ordered union of keys
     rows = []
     for number, line in enumerate(text, start=1):

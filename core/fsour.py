@@ -33,13 +33,18 @@ from core.routing import Route, Scope, mask_allowing
 
 @dataclass(frozen=True)
 class FsourParams:
-    candidates: int = 100  # N per coordinate
-    restarts: int = 5  # R
-    threshold: float = 0.8  # stop once Pr(target) >= threshold
-    seed: int = 42  # restart r draws from seed + r
-    max_new_tokens: int = 512
-    scope: Scope = "prompt"
-    candidate_batch: int = 128  # rows per forward: split only to fit memory
+    """SPEC §3 defaults. Each field's `help` is what `moesafe params fsour` prints."""
+
+    candidates: int = field(default=100, metadata={"help": "N: random expert sets tried at each (token, layer)"})
+    restarts: int = field(default=5, metadata={
+        "help": "R: independent searches per prompt; the first jailbroken one wins"})
+    threshold: float = field(default=0.8, metadata={"help": "stop a search once Pr(target reply) reaches this"})
+    seed: int = field(default=42, metadata={"help": "restart r draws its candidates from seed + r"})
+    max_new_tokens: int = field(default=512, metadata={"help": "length of the judged answer"})
+    scope: Scope = field(default="prompt", metadata={
+        "help": "prompt: the route applies to prompt tokens; all: also while answering"})
+    candidate_batch: int = field(default=128, metadata={
+        "help": "candidates per forward; lower it only to fit memory (same results)"})
 
     def __post_init__(self):
         for name in ("candidates", "restarts", "candidate_batch", "max_new_tokens"):
@@ -62,6 +67,7 @@ class FsourRun:
     forwards: int
     candidates: int
     seconds: float
+    prompt_tokens: int  # P: a route step's `token` is a position in 0..P-1
     masks: dict[int, torch.Tensor] = field(repr=False)  # layer -> (1, P, E) for applying the route
 
 
@@ -217,7 +223,7 @@ def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
             if best >= stop_at:
                 break
     return FsourRun(restart, steps, best, evaluate.forwards, evaluated, time.perf_counter() - start,
-                    {l: masks[l][None] for l in forced})
+                    problem.prompt_len, {l: masks[l][None] for l in forced})
 
 
 # ---- judged restarts: the units the runtime schedules ------------------------------------------
@@ -228,7 +234,7 @@ def _row(item: PromptLike, restart: int, verdict, params: FsourParams, run: Fsou
         "route": run.route if run else [], "joint_logprob": run.joint_logprob if run else None,
         "forwards": run.forwards if run else 0, "candidates": run.candidates if run else 0,
         "seconds": seconds, "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": verdict.judge,
-        "scope": params.scope, "params": params.to_json(),
+        "prompt_tokens": run.prompt_tokens if run else None, "scope": params.scope, "params": params.to_json(),
     }
 
 

@@ -36,6 +36,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the embeddings' device (a sharded model's driver says its own)."""
+        if not isinstance(self.model, PreTrainedModel):
+            return self.model.device
         return self.model.get_input_embeddings().weight.device
 
 

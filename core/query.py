@@ -8,6 +8,11 @@ schema (a typed empty row set is unioned in), even before the table has any file
 keys come from the path: `model=` merges with the row's `model` column, and `run=` is served
 as `run_id`, so filters on model and run_id skip whole directories. Result tables show only rows
 of committed units (see core.store). A view reflects the files present at connect().
+
+Queries are read-only over the root: only SELECT statements run (also WITH, DESCRIBE, SHOW,
+SUMMARIZE, which DuckDB parses as SELECT), and DuckDB itself is locked to the root before the
+user's SQL runs: no file outside it can be read (enable_external_access off, allowed_directories
+the root), no extension installed or loaded, and lock_configuration keeps a query from undoing it.
 """
 from __future__ import annotations
 
@@ -27,12 +32,21 @@ from core.store import ResultStore
 FORMATS = ("table", "csv", "json")
 # Longest cell in the text table; csv and json carry full values.
 _MAX_CELL = 60
+# Statement kinds a query may contain: reads only (COPY, CREATE, INSERT, ATTACH, INSTALL, LOAD,
+# SET, PRAGMA, EXPLAIN ANALYZE of a write... are refused).
+_READ_ONLY = {duckdb.StatementType.SELECT}
+
+
+class ReadOnlyError(ValueError):
+    """A query that would do something other than read the result tables."""
 
 
 def connect(root: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per table of the store at `root`."""
     store = ResultStore(root, read_only=True)
-    con = duckdb.connect()
+    # No extension is ever fetched or loaded: everything needed is built in.
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
+                                 "allow_community_extensions": False})
     con.execute("SET TimeZone = 'UTC'")  # timestamps are stored in UTC; show them so
     if not store.is_local:
         # DuckDB's own s3 support needs the httpfs extension (a download); s3fs reads instead,
@@ -40,7 +54,21 @@ def connect(root: str) -> duckdb.DuckDBPyConnection:
         con.register_filesystem(store.fs)
     for name in TABLES:  # `units` comes before the result tables, whose views join it
         con.execute(f"CREATE VIEW {name} AS {_view_sql(con, store, name)}")
+    # Only files under the root from here on (the trailing slash keeps out `<root>-other/`).
+    con.execute(f"SET allowed_directories = [{_literal(store.root + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """ReadOnlyError naming the first statement of `sql` that is not a read."""
+    for statement in con.extract_statements(sql):
+        if statement.type not in _READ_ONLY:
+            kind = statement.type.name.replace("_STATEMENT", "")
+            raise ReadOnlyError(f"queries are read-only: {kind} statements are refused "
+                                f"({' '.join(statement.query.split())[:80]!r}); use SELECT (or WITH, DESCRIBE, "
+                                f"SHOW, SUMMARIZE) over the tables")
 
 
 def run_query(sql: str, root: str, fmt: str = "table") -> str:
@@ -50,6 +78,7 @@ def run_query(sql: str, root: str, fmt: str = "table") -> str:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     con = connect(root)
     try:
+        check_read_only(con, sql)
         relation = con.sql(sql)
         # Arrow, not fetchall(): DuckDB's Python conversion of TIMESTAMPTZ needs pytz.
         result = pa.table(relation) if relation is not None else None

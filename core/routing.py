@@ -145,6 +145,26 @@ class RouteRecording:
         b = max(c.shape[0] for c in self._counts)
         return torch.stack([c.expand(b, -1) for c in self._counts], 1).view(b, self.num_layers, 2, self.num_experts)
 
+    def partial(self, with_tokens: bool) -> tuple[dict, dict, torch.Tensor | None]:
+        """What this recording saw, to add into another one (a pipeline stage's share of a forward):
+        (layer -> (B, 2E) counts, layer -> [indices], tokens (B, 2) if `with_tokens`)."""
+        counts = {l: c for l, c in enumerate(self._counts) if c is not None}
+        indices = {l: parts for l, parts in enumerate(self._indices) if parts}
+        return counts, indices, self._tokens if with_tokens else None
+
+    def add_partial(self, part: tuple[dict, dict, torch.Tensor | None]) -> None:
+        counts, indices, tokens = part
+        for layer, c in counts.items():
+            c = c.cpu()
+            prev = self._counts[layer]
+            self._counts[layer] = c if prev is None else prev + c
+        if self.keep_indices:
+            for layer, parts in indices.items():
+                self._indices[layer] += [p.cpu() for p in parts]
+        if tokens is not None:
+            tokens = tokens.cpu()
+            self._tokens = tokens if self._tokens is None else self._tokens + tokens
+
     def tokens(self) -> torch.Tensor:
         """(B, 2) int64: tokens counted per row, [prompt, generated]."""
         if self._tokens is None:
@@ -186,6 +206,7 @@ class RouteControl:
         self._prompt_len: int | torch.Tensor | None = None  # explicit prompt boundary
         self._auto_prompt_len = 0  # the last prefill's length
         self._ended: torch.Tensor | None = None  # (B,) rows whose generated tokens reached EOS
+        self._token_ids: torch.Tensor | None = None  # ids of a forward fed hidden states (a later stage)
         self._fwd: _Forward | None = None
         self._handles = [model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)]
         for layer, block in zip(self.layers, blocks):
@@ -245,6 +266,16 @@ class RouteControl:
         finally:
             self._expand = prev
 
+    @contextlib.contextmanager
+    def token_ids(self, ids: torch.Tensor) -> Iterator[None]:
+        """The token ids behind a forward that is fed hidden states (a pipeline stage after the
+        first), so that recording tells prompt, answer and post-EOS filler apart as usual."""
+        prev, self._token_ids = self._token_ids, ids
+        try:
+            yield
+        finally:
+            self._token_ids = prev
+
     def branch_cache(self, cache, moe_layer: int, rows: int):
         """A copy of a batch-1 KV cache whose layers from `moe_layer` on have `rows` rows.
 
@@ -254,6 +285,8 @@ class RouteControl:
         new = copy.copy(cache)
         new.layers = [copy.copy(layer) for layer in cache.layers]
         for layer in new.layers[start:]:
+            if layer.keys is None:  # a layer held by another pipeline stage (DummyLayer)
+                continue
             layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
             layer.values = layer.values.expand(rows, *layer.values.shape[1:])
         return new
@@ -274,6 +307,8 @@ class RouteControl:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
+        if ids is None:
+            ids = self._token_ids
         b, s = ref.shape[:2]
         past = kwargs.get("past_key_values")
         start = past.get_seq_length() if past is not None else 0

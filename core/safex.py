@@ -43,27 +43,28 @@ EXPERT_SETS: tuple[str, ...] = ("E_top_regular", "E_top_jailbreak", "HCDG", "HRC
 
 @dataclasses.dataclass(frozen=True)
 class SafexParams:
-    """SAFEx settings (SPEC §4 defaults; the paper gives none).
+    """SAFEx settings (SPEC §4 defaults; the paper gives none). Each field's `help` is what
+    `moesafe params safex` prints."""
 
-    rounds: bootstrap rounds S. alpha: Top-N share, N = max(1, floor(alpha * K)) with K = experts
-    per layer (per_layer) or in all layers. pi: E_top keeps experts selected in >= pi * S rounds
-    (1.0 = the paper's strict intersection). phase: which tokens C_i counts ("decode": the answer's
-    tokens, "prefill": the prompt's, "both"). max_new_tokens: answer length for counting and for
-    validation. scope: where disabled experts are blocked during validation ("all" also blocks
-    them while decoding, SPEC §1). random_draws: draws D of the random control, each its own
-    validation condition (SPEC names no count; 5 keeps the mean's spread small at modest cost).
-    """
-
-    rounds: int = 100
-    alpha: float = 0.05
-    pi: float = 1.0
-    seed: int = 42
-    phase: str = "decode"
-    max_new_tokens: int = 128
-    per_layer: bool = True
-    batch_size: int = 16
-    scope: Scope = "all"
-    random_draws: int = 5
+    rounds: int = dataclasses.field(default=100, metadata={"help": "S: bootstrap rounds over each prompt group"})
+    alpha: float = dataclasses.field(default=0.05, metadata={
+        "help": "Top-N share: N = max(1, floor(alpha * K)), K experts per layer (or in all)"})
+    pi: float = dataclasses.field(default=1.0, metadata={
+        "help": "an expert is stable if in the Top-N of >= pi * S rounds (1: every round)"})
+    seed: int = dataclasses.field(default=42, metadata={
+        "help": "seeds the bootstrap samples and the random control experts"})
+    phase: str = dataclasses.field(default="decode", metadata={
+        "help": "tokens counted: decode (the answer's), prefill (the prompt's) or both"})
+    max_new_tokens: int = dataclasses.field(default=128, metadata={
+        "help": "answer length, for counting and for validation"})
+    per_layer: bool = dataclasses.field(default=True, metadata={
+        "help": "Top-N within each layer (true) or over all layers' experts (false)"})
+    batch_size: int = dataclasses.field(default=16, metadata={
+        "help": "prompts per generation batch; lower it only to fit memory"})
+    scope: Scope = dataclasses.field(default="all", metadata={
+        "help": "where disabled experts are blocked: all tokens, or prompt tokens only"})
+    random_draws: int = dataclasses.field(default=5, metadata={
+        "help": "draws of the random control (as many random experts per layer as HRCG); its refusal is their mean"})
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -250,13 +251,17 @@ def expert_set_rows(selected_regular: torch.Tensor, selected_jailbreak: torch.Te
     frequency = share of the rounds selecting the expert in the set's defining group: Jailbreak for
     E_top_jailbreak, Regular for the others (HCDG and HRCG are parts of E_top(Regular)). Rows
     "selected_regular" / "selected_jailbreak" give every expert selected in at least one round,
-    so other thresholds pi can be applied to the stored table.
+    so other thresholds pi can be applied to the stored table. An empty set has one row with
+    layer, expert and frequency null, so "computed and empty" differs from "not computed".
     """
     sets = expert_sets(selected_regular, selected_jailbreak, params.rounds, params.pi)
     sets["selected_regular"] = _as_sets(selected_regular > 0)
     sets["selected_jailbreak"] = _as_sets(selected_jailbreak > 0)
     rows = []
     for name, members in sets.items():
+        if not members:
+            rows.append({"expert_set": name, "phase": params.phase, "layer": None, "expert": None,
+                         "frequency": None, "params": params.to_json()})
         selected = selected_jailbreak if name.endswith("jailbreak") else selected_regular
         for layer, experts in members.items():
             rows += [{"expert_set": name, "phase": params.phase, "layer": layer, "expert": e,
@@ -340,7 +345,7 @@ def plan_safex(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     yield [ctx.unit("safex_sets", on_driver=True, num_layers=ctx.num_layers, num_experts=num_experts)]
     hrcg: dict[int, list[int]] = {}
     for r in ctx.read("safex_experts"):
-        if r["expert_set"] == "HRCG":
+        if r["expert_set"] == "HRCG" and r["expert"] is not None:  # null: HRCG is empty
             hrcg.setdefault(r["layer"], []).append(r["expert"])
     hrcg = {layer: sorted(experts) for layer, experts in sorted(hrcg.items())}
     conditions = {"before": {}, "after": hrcg,

@@ -85,8 +85,14 @@ def _table(name: str, version: int, description: str, fields: list[pa.Field]) ->
     return TableSchema(name, version, pa.schema(fields, metadata=metadata), description)
 
 
+# One start of a run's driver (the first, or a resume): when, where, and how it ended.
+_RUN_ATTEMPT = pa.struct([
+    _col("started_at", _TS), _col("ended_at", _TS, nullable=True), _col("status", pa.string()),
+    _col("host", pa.string()), _col("pid", pa.int64()),
+])
+
 _ALL = [
-    _table(RUNS_TABLE, 1, "one row per run; rewritten when the run ends", [
+    _table(RUNS_TABLE, 2, "one row per run; rewritten when an attempt starts and ends", [
         _col("run_id", pa.string()),
         _col("manifest", pa.string()),            # the manifest as YAML text, secrets never included
         _col("manifest_hash", pa.string()),       # sha256 hex of `manifest` unless given
@@ -94,6 +100,7 @@ _ALL = [
         _col("started_at", _TS),
         _col("ended_at", _TS, nullable=True),
         _col("status", pa.string()),              # running / finished / failed / ...
+        _col("attempts", pa.list_(_RUN_ATTEMPT), nullable=True),  # v2: each start, first to last
         _SCHEMA_VERSION,
     ]),
     _table(UNITS_TABLE, 1, "one row per finished unit; written last, it commits the unit's rows", [
@@ -107,7 +114,7 @@ _ALL = [
         _col("finished_at", _TS),
         _SCHEMA_VERSION,
     ]),
-    _method_table("rosais_scores", 1, "RoSais per prompt x MoE layer (SPEC §2)", [
+    _method_table("rosais_scores", 1, "RoSais per prompt x MoE layer", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),
@@ -117,7 +124,7 @@ _ALL = [
         _col("s1", pa.int32()),
         _col("seed", pa.int64()),
     ], masked=True),
-    _method_table("rosais_attack", 1, "RoSais attack per prompt x L routers masked (SPEC §2)", [
+    _method_table("rosais_attack", 1, "RoSais attack per prompt x L routers masked", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("L", pa.int32()),
@@ -126,7 +133,7 @@ _ALL = [
         _col("score", pa.float64(), nullable=True),
         _col("judge", pa.string()),               # the judge deciding `jailbroken`; all verdicts: generations
     ], masked=True),
-    _method_table("safex_counts", 1, "SAFEx expert counts C_i per prompt (SPEC §4)", [
+    _method_table("safex_counts", 1, "SAFEx expert counts C_i per prompt", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("group", pa.string()),               # regular / jailbreak / benign
@@ -137,11 +144,12 @@ _ALL = [
         _col("moe_layers", _INTS),                # model layer index of each counts row
         _col("counts", _INTS),                    # C_i flattened row-major, shape (n_layers, n_experts)
     ], masked=False),
-    _method_table("safex_experts", 1, "SAFEx expert sets and selection frequencies (SPEC §4)", [
+    # v2: an empty set is one row with layer and expert null (v1 wrote no row for it)
+    _method_table("safex_experts", 2, "SAFEx expert sets and selection frequencies", [
         _col("expert_set", pa.string()),          # E_top_regular / E_top_jailbreak / HCDG / HRCG
         _col("phase", pa.string()),
-        _col("layer", pa.int32()),
-        _col("expert", pa.int32()),
+        _col("layer", pa.int32(), nullable=True),
+        _col("expert", pa.int32(), nullable=True),
         _col("frequency", pa.float64(), nullable=True),  # share of the S rounds selecting it
     ], masked=False),
     _method_table("safex_rounds", 1, "SAFEx bootstrap: rounds selecting each expert, per chunk of rounds", [
@@ -153,7 +161,7 @@ _ALL = [
         _col("expert", pa.int32()),
         _col("selected_rounds", pa.int32()),      # rounds whose Top-N held the expert
     ], masked=False),
-    _method_table("safex_validation", 1, "SAFEx refusal per prompt before/after disabling (SPEC §4)", [
+    _method_table("safex_validation", 1, "SAFEx refusal per prompt before/after disabling", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("group", pa.string()),
@@ -162,7 +170,8 @@ _ALL = [
         _col("judge", pa.string()),
         _col("n_disabled", pa.int32()),
     ], masked=True),
-    _method_table("fsour_routes", 1, "F-SOUR one row per prompt x restart (SPEC §3)", [
+    # v2: prompt_tokens, so that where a route changed can be read from the end of the prompt.
+    _method_table("fsour_routes", 2, "F-SOUR one row per prompt x restart", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("restart", pa.int32()),              # 0..R-1; -1 = the unrouted pre-check (iterations = 0)
@@ -174,8 +183,9 @@ _ALL = [
         _col("jailbroken", pa.bool_(), nullable=True),
         _col("score", pa.float64(), nullable=True),
         _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
+        _col("prompt_tokens", pa.int32(), nullable=True),  # P, the chat-templated prompt's length; null: pre-check
     ], masked=True),
-    _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking (SPEC §5)", [
+    _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking", [
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),
         _col("expert", pa.int32()),
@@ -184,7 +194,7 @@ _ALL = [
         _col("delta", pa.float64()),              # p1 - p2
         _col("rank", pa.int32()),                 # by |delta|, 0 = largest
     ], masked=False),
-    _method_table("generations", 1, "every generated answer and its verdicts (SPEC §6)", [
+    _method_table("generations", 1, "every generated answer and its verdicts", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("method", pa.string()),

@@ -31,19 +31,18 @@ REFUSAL_REPLY = "I'm sorry, but I cannot help with that."  # behaviour 1, paired
 
 @dataclasses.dataclass(frozen=True)
 class SteerParams:
-    """SteerMoE settings.
+    """SteerMoE settings. top_n's default of 10 is a few experts per layer on an 8-expert model and
+    a small share of a large model's. Each field's `help` is what `moesafe params steermoe` prints."""
 
-    top_n: how many experts to steer, the first top_n of the |delta| ranking over all layers
-    (10 by default: a few per layer on an 8-expert model, a small share of a large model's
-    experts). mode: "safe" or "unsafe" (default: this project attacks safety). scope: "all"
-    steers prompt and generated tokens, "prompt" the prompt only.
-    """
-
-    top_n: int = 10
-    mode: str = "unsafe"
-    scope: Scope = "all"
-    max_new_tokens: int = 128
-    batch_size: int = 16
+    top_n: int = dataclasses.field(default=10, metadata={
+        "help": "experts steered: the first top_n of the |delta| ranking over all layers"})
+    mode: str = dataclasses.field(default="unsafe", metadata={
+        "help": "unsafe: push routing towards compliance experts; safe: towards refusal ones"})
+    scope: Scope = dataclasses.field(default="all", metadata={
+        "help": "all: steer prompt and answer tokens; prompt: the prompt only"})
+    max_new_tokens: int = dataclasses.field(default=128, metadata={"help": "length of the judged answer"})
+    batch_size: int = dataclasses.field(default=16, metadata={
+        "help": "prompts per generation batch; lower it only to fit memory"})
 
     def __post_init__(self):
         if self.mode not in MODES:

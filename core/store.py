@@ -17,15 +17,29 @@ How `write_unit` commits a unit:
 A crash at any point leaves the unit uncommitted: readers (`read_table` and the views of
 core.query) show only rows of units whose `units` row says ok, and resume (`done_units`) runs
 the unit again, whose retry overwrites the same file names, so no row is ever duplicated.
+
+One driver at a time writes a run: `acquire_run` takes the run's lease, an object at
+`<root>/_leases/<run_id>.json` naming its holder (host, pid, a random token) and an expiry. It
+is created only if absent and replaced only if unchanged since read (S3: conditional PUTs,
+If-None-Match / If-Match; local disks: the same compare-and-swap under an flock of the root), so two
+drivers can never both hold it. The holder renews it while it runs (`RunLease.kept_alive`); a
+driver that died stops renewing, and after the expiry the next driver takes the lease over (at
+once when the dead driver ran on the same host: its pid is gone).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
+import socket
+import threading
 import uuid
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -38,14 +52,30 @@ from core.schemas import RESULT_TABLES, RUNS_TABLE, UNITS_TABLE, SchemaError, bu
 
 UNIT_STATUSES = ("ok", "failed")
 
-# Run and unit ids become file and directory names.
+# Run and unit ids become file and directory names; 255 bytes is the usual limit of one name, and a
+# unit's file name is the id plus ".parquet" and a temp suffix.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_ID_LENGTH = 128
+# A run's lease lasts this long unless renewed; its holder renews it every third of that.
+LEASE_TTL_S = 60.0
 # Environment variables whose values must never reach a stored manifest.
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 class StoreError(RuntimeError):
     """The result root cannot be used as asked, or an id cannot name a file."""
+
+
+class RunHeldError(StoreError):
+    """Another driver holds the run's lease."""
+
+
+class LeaseLostError(StoreError):
+    """The lease expired and another driver took it over before this holder renewed it."""
+
+
+class _Conflict(Exception):
+    """A conditional lease write found the lease changed since it was read."""
 
 
 def model_slug(name_or_path: str) -> str:
@@ -146,32 +176,150 @@ class ResultStore:
     def write_run(self, run_id: str, manifest: str, *, manifest_hash: str | None = None,
                   versions: Mapping[str, Any] | None = None, started_at: datetime | None = None,
                   status: str = "running") -> None:
-        """Write the run's `runs` row. `manifest` is the YAML text; it is refused if it holds the
-        value of a secret-looking environment variable. Defaults: manifest_hash = sha256 of the
-        text, versions = installed moesafe/torch/transformers/ray, started_at = now."""
+        """Write the run's `runs` row as a new attempt starts. `manifest` is the YAML text; it is
+        refused if it holds the value of a secret-looking environment variable. Defaults:
+        manifest_hash = sha256 of the text, versions = installed moesafe/torch/transformers/ray,
+        started_at = now. A run that has a row already (a resume) keeps its first `started_at`
+        and gains one more entry in `attempts`."""
         self._require_writable()
         _check_id("run_id", run_id)
         _check_no_secrets(manifest)
+        started_at = started_at or _now()
+        previous = self.read_table(RUNS_TABLE, run_id=run_id).to_pylist()
+        attempt = {"started_at": started_at, "ended_at": None, "status": status, "host": socket.gethostname(),
+                   "pid": os.getpid()}
         row = {
             "run_id": run_id,
             "manifest": manifest,
             "manifest_hash": manifest_hash or hashlib.sha256(manifest.encode()).hexdigest(),
             "versions": dict(versions) if versions is not None else _runtime_versions(),
-            "started_at": started_at or _now(),
+            "started_at": previous[0]["started_at"] if previous else started_at,
             "ended_at": None,
             "status": status,
+            "attempts": [*(previous[0]["attempts"] or [] if previous else []), attempt],
         }
         self._put(self._run_path(run_id), build_table(RUNS_TABLE, [row]))
 
     def finish_run(self, run_id: str, status: str = "finished", ended_at: datetime | None = None) -> None:
-        """Rewrite the run's `runs` row with its final status and end time (default: now)."""
+        """Rewrite the run's `runs` row with its final status and end time (default: now), also
+        as the end of its latest attempt."""
         self._require_writable()
         rows = self.read_table(RUNS_TABLE, run_id=run_id).to_pylist()
         if not rows:
             raise StoreError(f"run {run_id!r} has no row under {self.root!r}; call write_run first")
-        row = {**rows[0], "status": status, "ended_at": ended_at or _now()}
+        ended_at = ended_at or _now()
+        attempts = rows[0]["attempts"] or []
+        if attempts:
+            attempts[-1] = {**attempts[-1], "ended_at": ended_at, "status": status}
+        row = {**rows[0], "status": status, "ended_at": ended_at, "attempts": attempts}
         del row["schema_version"]  # rewritten in the current version
         self._put(self._run_path(run_id), build_table(RUNS_TABLE, [row]))
+
+    # -- the run lease -----------------------------------------------------------------------
+
+    def acquire_run(self, run_id: str, ttl_s: float = LEASE_TTL_S) -> RunLease:
+        """Take the lease of run `run_id` for this process, or RunHeldError naming its holder
+        (host, pid) and when its lease expires. An expired lease is taken over."""
+        self._require_writable()
+        _check_id("run_id", run_id)
+        lease = RunLease(self, run_id, token=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
+                         ttl_s=ttl_s)
+        for _ in range(3):  # a lost race re-reads the lease, which then names the winner
+            holder, version = self._lease_read(run_id)
+            if holder is not None and _expires_at(holder) > _now() and not _died_here(holder):
+                raise RunHeldError(
+                    f"run id {run_id!r} in {self.root!r} is being run by another driver: {holder['host']} pid "
+                    f"{holder['pid']}, since {holder['acquired_at']}; its lease expires at {holder['expires_at']} "
+                    f"unless that driver renews it (it does every {ttl_s / 3:.0f} s while it runs). Wait for it to "
+                    f"finish (`moesafe status --out {self.root} --run-id {run_id}`), or use another --run-id")
+            try:
+                lease.version = self._lease_swap(run_id, lease.record(), version)
+                return lease
+            except _Conflict:
+                continue
+        raise RunHeldError(f"run id {run_id!r} in {self.root!r}: its lease keeps changing hands; another driver "
+                           f"is starting this run; use another --run-id or try again")
+
+    def _lease_path(self, run_id: str) -> str:
+        return f"{self._base}/_leases/{run_id}.json"
+
+    def _lease_read(self, run_id: str) -> tuple[dict | None, str | None]:
+        """The lease record and its version (local: the holder's token; S3: the object's ETag)."""
+        path = self._lease_path(run_id)
+        if self.is_local:
+            try:
+                with open(path, "rb") as f:
+                    record = json.loads(f.read())
+            except FileNotFoundError:
+                return None, None
+            return record, record["token"]
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                return await body.read(), response["ETag"]
+
+        from fsspec.asyn import sync
+
+        try:
+            data, etag = sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None, None
+        return json.loads(data), etag
+
+    def _lease_swap(self, run_id: str, record: dict, version: str | None) -> str:
+        """Write `record` if the lease is still at `version` (None: absent); its new version, or
+        _Conflict."""
+        path = self._lease_path(run_id)
+        data = json.dumps(record).encode()
+        if self.is_local:
+            with self._lease_lock():
+                if self._lease_read(run_id)[1] != version:
+                    raise _Conflict
+                self._put_bytes(path, data)
+            return record["token"]
+        bucket, key, _ = self.fs.split_path(path)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            return self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except OSError as error:
+            if _precondition_failed(error):
+                raise _Conflict from None
+            raise
+
+    def _lease_delete(self, run_id: str, version: str) -> None:
+        """Delete the lease if it is still at `version` (a lease taken over stays)."""
+        path = self._lease_path(run_id)
+        if self.is_local:
+            with self._lease_lock():
+                if self._lease_read(run_id)[1] == version:
+                    os.remove(path)
+                    with contextlib.suppress(OSError):  # left only while some run holds a lease
+                        os.rmdir(os.path.dirname(path))
+            return
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except OSError as error:
+            if _precondition_failed(error):
+                return
+            # a server without conditional deletes: compare, then delete (a takeover in between is
+            # only possible after this lease expired)
+            if self._lease_read(run_id)[1] == version:
+                self.fs.rm_file(path)
+
+    @contextlib.contextmanager
+    def _lease_lock(self):
+        """An exclusive flock on the root directory: makes a lease's read-compare-write one step on
+        a local disk, and leaves no file behind. Held for milliseconds, freed by the kernel if its
+        process dies."""
+        descriptor = os.open(self._base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the flock
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -235,9 +383,11 @@ class ResultStore:
         """Write `table` to `path` so that readers see the old file or the new one, never part."""
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue()
+        self._put_bytes(path, sink.getvalue().to_pybytes())
+
+    def _put_bytes(self, path: str, data: bytes) -> None:
         if not self.is_local:
-            self.fs.pipe_file(path, data.to_pybytes())  # one PUT (or multipart upload): atomic
+            self.fs.pipe_file(path, data)  # one PUT (or multipart upload): atomic
             return
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -267,6 +417,88 @@ class ResultStore:
                              f"open ResultStore(root) to write")
 
 
+class RunLease:
+    """This driver's hold on one run (see ResultStore.acquire_run). `kept_alive()` renews it in a
+    background thread while the run goes on and releases it at the end."""
+
+    def __init__(self, store: ResultStore, run_id: str, *, token: str, host: str, pid: int, ttl_s: float):
+        self.store, self.run_id, self.token, self.host, self.pid, self.ttl_s = store, run_id, token, host, pid, ttl_s
+        self.acquired_at = _now()
+        self.version: str | None = None
+        self.lost: LeaseLostError | None = None  # set when a renewal found the lease taken over
+
+    def record(self) -> dict[str, Any]:
+        """The lease as stored, expiring ttl_s from now (kept in `expires_at`)."""
+        self.expires_at = _now() + timedelta(seconds=self.ttl_s)
+        return {"run_id": self.run_id, "token": self.token, "host": self.host, "pid": self.pid,
+                "acquired_at": self.acquired_at.isoformat(timespec="milliseconds"),
+                "expires_at": self.expires_at.isoformat(timespec="milliseconds")}
+
+    def renew(self) -> None:
+        """Push the expiry forward; LeaseLostError if another driver took the lease over."""
+        try:
+            self.version = self.store._lease_swap(self.run_id, self.record(), self.version)
+        except _Conflict:
+            holder, _ = self.store._lease_read(self.run_id)
+            who = f"{holder['host']} pid {holder['pid']}" if holder else "nobody (it was deleted)"
+            raise LeaseLostError(f"run {self.run_id!r}: this driver's lease expired and is now held by {who}; "
+                                 f"stop, and let that driver finish the run") from None
+
+    def release(self) -> None:
+        self.store._lease_delete(self.run_id, self.version)
+
+    @contextlib.contextmanager
+    def kept_alive(self):
+        """Renew every ttl/3 until the block ends, then release. A renewal that fails for a
+        transient reason (network) is retried at the next tick; a lost lease is recorded in `lost`."""
+        stop = threading.Event()
+
+        def renew_until_stopped() -> None:
+            while not stop.wait(self.ttl_s / 3):
+                try:
+                    self.renew()
+                except LeaseLostError as error:
+                    self.lost = error
+                    return
+                except Exception:  # noqa: BLE001 -- S3 hiccup: the next tick tries again before expiry
+                    pass
+
+        renewer = threading.Thread(target=renew_until_stopped, name=f"lease-{self.run_id}", daemon=True)
+        renewer.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            renewer.join()
+            if self.lost is None:
+                self.release()
+
+
+def _expires_at(record: Mapping[str, Any]) -> datetime:
+    return datetime.fromisoformat(record["expires_at"])
+
+
+def _died_here(holder: Mapping[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone: its lease need not run out first (a
+    driver killed and restarted at once). A reused pid only makes the next driver wait."""
+    if holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _precondition_failed(error: OSError) -> bool:
+    """s3fs's translation of S3's 412 (If-None-Match: FileExistsError; If-Match: OSError) or of
+    409 ConditionalRequestConflict (a concurrent conditional write won)."""
+    code = getattr(error.__cause__, "response", {}).get("Error", {}).get("Code")
+    return isinstance(error, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
 def _unit_key(path: str) -> tuple[str, str, str]:
     """(model, run_id, unit_id) of a unit file .../model=<m>/run=<r>/<u>.parquet."""
     model_dir, run_dir, file_name = path.split("/")[-3:]
@@ -275,8 +507,12 @@ def _unit_key(path: str) -> tuple[str, str, str]:
 
 def _check_id(kind: str, value: Any) -> None:
     if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise StoreError(f"{kind} {value!r} cannot name a file: use letters, digits, '.', '_' and '-', "
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise StoreError(f"{kind} {shown} cannot name a file: use letters, digits, '.', '_' and '-', "
                          f"starting with a letter or digit")
+    if len(value) > MAX_ID_LENGTH:
+        raise StoreError(f"{kind} {value[:40]!r}...: is too long ({len(value)} characters); it names files and "
+                         f"directories, so at most {MAX_ID_LENGTH} are allowed")
 
 
 def _check_no_secrets(manifest: str) -> None:

@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import re
+import reprlib
 from collections.abc import Hashable
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -87,9 +88,10 @@ class ModelSpec(_Section):
     name: str  # unique; the model's slug in result paths and the `model` column
     path: str  # "sandbox", a local directory, a hub id or an s3:// prefix
     dtype: str = "auto"  # a name in core.models.DTYPES
-    num_gpus: NonNegativeFloat = 0  # per replica; 0 = CPU
-    num_cpus: PositiveFloat = 1  # per replica
+    num_gpus: NonNegativeFloat = 0  # per replica (per shard when sharded); 0 = CPU
+    num_cpus: PositiveFloat = 1  # per replica (per shard when sharded)
     replicas: PositiveInt = 1  # model actors for this model
+    shards: PositiveInt = 1  # actors per replica, each holding a contiguous range of the decoder layers
     device_map: Literal["auto"] | None = None  # "auto": spread the model over the replica's GPUs
     experts_implementation: str | None = None  # transformers' MoE kernel; None = its default
     trust_remote_code: bool = False
@@ -126,6 +128,21 @@ class ModelSpec(_Section):
             raise _problem(f"is not one of {', '.join(known)}", value=kernel)
         return kernel
 
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> ModelSpec:
+        if self.shards > 1 and self.device_map is not None:
+            raise _problem("a sharded model places each shard itself: use `shards` or `device_map: auto`, "
+                           "not both", at=".device_map", value=self.device_map)
+        return self
+
+    @property
+    def replica_gpus(self) -> float:
+        return self.num_gpus * self.shards
+
+    @property
+    def replica_cpus(self) -> float:
+        return self.num_cpus * self.shards
+
 
 class DatasetSpec(_Section):
     """Arguments of core.datasets.load_prompts."""
@@ -136,6 +153,18 @@ class DatasetSpec(_Section):
     columns: dict[Literal[FIELDS], str | None] | None = None
     limit: PositiveInt | None = None
     sandbox_split: Literal["heldout", "train"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_given(cls, data: Any) -> Any:
+        # A bare `path:` is the likeliest slip (a local copy of a named dataset): say both forms.
+        if isinstance(data, dict) and "source" not in data:
+            named = ", ".join(d for d in DATASETS if d != "sandbox")
+            raise _problem(f"required, but missing. Either name a dataset, `source: jbb` ({named} or sandbox), "
+                           f"with `path: /local/copy.csv` for a local copy of it; or give your own file as "
+                           f"`source: ./prompts.csv` ({', '.join(FILE_TYPES)})",
+                           at=".source")
+        return data
 
     @field_validator("source")
     @classmethod
@@ -346,9 +375,20 @@ def _build_params(method: str, params: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+# Values a manifest may hold once its aliases are expanded. A real one has hundreds; an alias bomb
+# (each level aliasing the one before several times) stays a few hundred bytes while its
+# expansion grows exponentially, and everything that walks it (validation, error messages) with it.
+MAX_YAML_VALUES = 100_000
+
+
 class _ManifestLoader(yaml.SafeLoader):
     """yaml.SafeLoader (plain data only: no !!python tags), refusing a key given twice in one
-    mapping, which plain YAML resolves silently by keeping the last."""
+    mapping, which plain YAML resolves silently by keeping the last, and documents whose aliases
+    expand to more than MAX_YAML_VALUES values (or refer to themselves)."""
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -361,6 +401,37 @@ class _ManifestLoader(yaml.SafeLoader):
                                                         f"found key {key!r} twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """ConstructorError unless the document under `root`, aliases expanded, has at most
+    MAX_YAML_VALUES values. Counted per distinct node (an alias is the node it names), so a
+    bomb is measured in microseconds without being expanded."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in in_progress:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it "
+                                                    "(a recursive structure); a manifest is a tree",
+                                                    node.start_mark)
+        in_progress.add(id(node))
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; a manifest "
+                    f"needs far fewer: write the values out, or alias fewer times", child.start_mark)
+        in_progress.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 def load_manifest(source: str | os.PathLike) -> Manifest:
@@ -391,7 +462,8 @@ def load_manifest(source: str | os.PathLike) -> Manifest:
         raise ManifestError([line for error in validation.errors(include_url=False)
                              for line in _format_error(error)]) from None
     if manifest.run_id is None:
-        manifest = manifest.model_copy(update={"run_id": f"{model_slug(stem)}-{manifest_hash(manifest)[:8]}"})
+        # the stem is cut so that the id stays within the store's length limit
+        manifest = manifest.model_copy(update={"run_id": f"{model_slug(stem)[:64]}-{manifest_hash(manifest)[:8]}"})
     return manifest
 
 
@@ -451,8 +523,13 @@ def _format_error(error: dict) -> list[str]:
     return [f"{prefix}{_show(error['input'])} is not allowed: {_lower_first(error['msg'])}"]
 
 
+# repr with bounded work: a value may be huge (a 1 MB string, a 10^6-item list), and only its start is shown.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 80, 80
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -497,6 +574,8 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
         except DatasetError as error:
             problems.append(f"datasets.{name}: {error}")
 
+    problems += _prompts_too_long(manifest, prompts, checkable=set(experts))
+
     for i, method in enumerate(manifest.methods):
         entry: Method = get_method(method.method)
         if entry.needs_target:
@@ -520,6 +599,64 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
                         problems.append(f"methods[{i}].{where} not allowed for model {model.name!r}: {error}")
     if problems:
         raise ManifestError(problems)
+
+
+def _prompts_too_long(manifest: Manifest, prompts: dict[str, list[PromptRecord]], checkable: set[str]) -> list[str]:
+    """One line per (dataset, model) where a prompt in the model's chat template has more tokens
+    than the model has positions: such a prompt can only fail (or crawl) on the cluster. Models
+    whose tokenizer is not at hand without a download or a build are skipped."""
+    from core.chat import render_chat
+
+    used: dict[str, tuple[ModelSpec, set[str]]] = {}  # model name -> (model, the datasets it reads)
+    for method in manifest.methods:
+        for model in manifest.models_for(method):
+            if model.name in checkable:
+                used.setdefault(model.name, (model, set()))[1].update(
+                    name for name in method.datasets_used().values() if name in prompts)
+    problems = []
+    for model, names in used.values():
+        limits = _context_and_tokenizer(model)
+        if limits is None:
+            continue
+        positions, tokenizer = limits
+        for name in sorted(names):
+            records = prompts[name]
+            encoded = tokenizer(render_chat(tokenizer, [p.prompt for p in records]), add_special_tokens=False)
+            over = [(len(ids), p.id) for ids, p in zip(encoded["input_ids"], records) if len(ids) > positions]
+            if over:
+                longest, longest_id = max(over)
+                problems.append(f"datasets.{name}: {len(over)} prompt(s) longer than model {model.name!r} can read: "
+                                f"{longest_id!r} is {longest:,} tokens in its chat template, the model has "
+                                f"{positions:,} positions (max_position_embeddings); shorten or drop them")
+    return problems
+
+
+def _context_and_tokenizer(model: ModelSpec) -> tuple[int, Any] | None:
+    """(max_position_embeddings, tokenizer) of a model whose files are on this machine or in the
+    hub cache; None for s3:// models (the check would download them) and a sandbox not built yet."""
+    from transformers import AutoTokenizer
+
+    from core.models import SANDBOX, load_config, resolve_path
+
+    if model.path.startswith("s3://"):
+        return None
+    if model.path == SANDBOX:
+        from core.sandbox import SandboxConfig, default_cache_dir
+
+        built = default_cache_dir() / "sandbox" / SandboxConfig().cache_key()
+        if not built.is_dir():
+            return None
+        path = str(built)
+    else:
+        path = resolve_path(model.path)
+    positions = getattr(load_config(path, model.trust_remote_code), "max_position_embeddings", None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):  # no tokenizer files: the model cannot run anyway, and loading it says so
+        return None
+    if not positions or tokenizer.chat_template is None:
+        return None
+    return positions, tokenizer
 
 
 def _check_out(root: str) -> None:

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
-from tqdm import tqdm
 
 from core.method import PlanContext, WorkUnit
 from core.methods import get_method
 from core.models import describe_model, resolve_model_path
 from core.schemas import RESULT_TABLES, UNITS_TABLE, table_schema
 from core.store import ResultStore, model_slug
-from jobs.errors import CliError
+from jobs.errors import TOKEN_HELP, CliError
 from jobs.execute import execute_driver_unit
+from jobs.progress import RunProgress
 
 UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
 MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
@@ -58,6 +58,7 @@ class _Plan:
     pending: set[str] = field(default_factory=set)
     failed: bool = False  # a unit of the current stage failed: the plan goes no further this attempt
     finished: bool = False
+    stage: int = 0  # stages yielded so far
 
 
 @dataclass
@@ -72,6 +73,7 @@ class _Model:
     in_flight: dict = field(default_factory=dict)  # object ref -> (unit, attempt, plan, actor)
     ok: int = 0
     failed: int = 0
+    skipped: int = 0  # done in an earlier attempt of this run
 
     @property
     def done(self) -> bool:
@@ -109,6 +111,27 @@ def _check_reachable(address: str) -> None:
         raise RunError(f"cannot reach the Ray cluster at {address!r}: nothing answers at {host}:{port} "
                        f"({e.strerror or type(e).__name__}). Start it (`ray start --head`), check the "
                        "address, or leave out --address (and unset RAY_ADDRESS) to run on a local cluster") from None
+    if not address.startswith("ray://"):  # the Ray client port speaks another protocol
+        _check_token_accepted(address, f"{host}:{port}")
+
+
+def _check_token_accepted(address: str, target: str) -> None:
+    """RunError saying a token is needed when the cluster's GCS refuses this process's credentials
+    (ray.init would retry for half a minute of warnings, then call the cluster unreachable)."""
+    import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import \
+        _get_authentication_metadata_tuple
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S,
+                metadata=_get_authentication_metadata_tuple())
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise RunError(TOKEN_HELP.format(address=address)) from None
+            # anything else: ray.init reports it
 
 
 class Scheduler:
@@ -116,7 +139,7 @@ class Scheduler:
         self.manifest, self.store, self.run_id = manifest, store, run_id
         self.done_before = store.done_units(run_id)
         self.summary = RunSummary(run_id, store.root)
-        self.bar = tqdm(total=0, unit="unit", desc=run_id, disable=not progress, dynamic_ncols=True)
+        self.bar = RunProgress(run_id, progress)
         # records carry the manifest's dataset name, so every table is keyed by what the user named
         self.prompts = {name: [dataclasses.replace(p, dataset=name) for p in spec.load()]
                         for name, spec in manifest.datasets.items()}
@@ -162,7 +185,7 @@ class Scheduler:
             plans.append(_Plan(ctx, get_method(m.method).stages(ctx)))
         if not plans:
             return None
-        return _Model(entry, key, plans, entry.num_gpus * entry.replicas, entry.num_cpus * entry.replicas)
+        return _Model(entry, key, plans, entry.replica_gpus * entry.replicas, entry.replica_cpus * entry.replicas)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -176,17 +199,20 @@ class Scheduler:
                 active.append(model)
             if not active:
                 m = waiting[0]
-                raise RunError(f"model {m.entry.name!r} needs {m.entry.num_gpus} GPU(s) and {m.entry.num_cpus} "
-                               f"CPU(s) per replica; the cluster has {ray.cluster_resources()}")
+                raise RunError(f"model {m.entry.name!r} needs {m.entry.replica_gpus} GPU(s) and "
+                               f"{m.entry.replica_cpus} CPU(s) per replica; the cluster has {ray.cluster_resources()}")
             for model in active:
                 self._advance(model)
                 self._dispatch(model)
+            if not waiting and all(plan.finished for model in active for plan in model.plans):
+                self.bar.final()
             self._collect(active)
             for model in [m for m in active if m.done]:
                 active.remove(model)
                 for actor in model.actors:
                     ray.kill(actor)
-                self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.failed} failed")
+                self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.skipped} skipped (done "
+                               f"earlier), {model.failed} failed")
         self.bar.close()
         self.summary.seconds = time.perf_counter() - start
         return self.summary
@@ -201,7 +227,7 @@ class Scheduler:
     def _fits(self, model: _Model, active: list[_Model]) -> bool:
         """At least one replica fits beside the running models."""
         gpus, cpus = self._free(active)
-        return model.entry.num_gpus <= gpus + 1e-9 and model.entry.num_cpus <= cpus + 1e-9
+        return model.entry.replica_gpus <= gpus + 1e-9 and model.entry.replica_cpus <= cpus + 1e-9
 
     def _start(self, model: _Model, active: list[_Model]) -> None:
         """Create as many of the model's replicas as fit now (at least one)."""
@@ -210,13 +236,15 @@ class Scheduler:
         gpus, cpus = self._free(active)
         entry = model.entry
         fit = entry.replicas
-        if entry.num_gpus:
-            fit = min(fit, int(gpus // entry.num_gpus + 1e-9))
-        if entry.num_cpus:
-            fit = min(fit, int(cpus // entry.num_cpus + 1e-9))
+        if entry.replica_gpus:
+            fit = min(fit, int(gpus // entry.replica_gpus + 1e-9))
+        if entry.replica_cpus:
+            fit = min(fit, int(cpus // entry.replica_cpus + 1e-9))
         fit = max(1, fit)
-        model.need_gpus, model.need_cpus = fit * entry.num_gpus, fit * entry.num_cpus
-        model.actors = [ModelWorker.options(num_gpus=entry.num_gpus, num_cpus=entry.num_cpus)
+        model.need_gpus, model.need_cpus = fit * entry.replica_gpus, fit * entry.replica_cpus
+        # a sharded replica's resources are its shard actors'; its ModelWorker only drives them
+        own_gpus, own_cpus = (0, 0) if entry.shards > 1 else (entry.num_gpus, entry.num_cpus)
+        model.actors = [ModelWorker.options(num_gpus=own_gpus, num_cpus=own_cpus)
                         .remote(entry.model_dump(), self.judges, self.store.root, self.run_id,
                                 self.manifest.store_answers)
                         for _ in range(fit)]
@@ -227,8 +255,10 @@ class Scheduler:
         that look complete. The next attempt of the run retries the failed units and goes on."""
         for plan in model.plans:
             while not plan.finished and not plan.pending:
+                label = f"{model.entry.name}/{plan.ctx.method}"
                 if plan.failed:
                     plan.finished = True
+                    self.bar.finished(label)
                     self.bar.write(f"{plan.ctx.method} on {model.entry.name}: stopped after a stage with failed "
                                    f"units; run the same command again to retry them and go on")
                     break
@@ -236,20 +266,22 @@ class Scheduler:
                     units = next(plan.stages)
                 except StopIteration:
                     plan.finished = True
+                    self.bar.finished(label)
                     break
                 plan.ctx.upstream += [unit.unit_id for unit in units]  # what the next stages derive from
-                self.bar.total += len(units)
+                plan.stage += 1
+                self.bar.planned(label, plan.stage, len(units))
                 self.summary.units_total += len(units)
                 for unit in units:
                     if unit.unit_id in self.done_before:
                         self.summary.units_skipped += 1
-                        self.bar.update(1)
+                        model.skipped += 1
+                        self.bar.done()
                     elif unit.on_driver:
                         self._run_on_driver(model, plan, unit)
                     else:
                         plan.pending.add(unit.unit_id)
                         model.queue.append((unit, 1, plan))
-                self.bar.refresh()
 
     def _run_on_driver(self, model: _Model, plan: _Plan, unit: WorkUnit) -> None:
         start = time.perf_counter()
@@ -308,7 +340,7 @@ class Scheduler:
         else:
             model.failed += 1
             self.summary.units_failed += 1
-        self.bar.update(1)
+        self.bar.done()
 
 
 def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None, address: str | None = None,
@@ -328,10 +360,15 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
             raise RunError(f"run id {run_id!r} already exists in {root!r} with a different manifest; use "
                            "another --run-id, or --force-new-run to start a new run under a derived id")
         run_id = f"{run_id}-{digest[:8]}"
-    connect_ray(address)
-    store.write_run(run_id, manifest.to_yaml(), manifest_hash=digest)
-    summary = Scheduler(manifest, store, run_id, progress).run()
-    store.finish_run(run_id, "finished" if summary.complete else "incomplete")
+    lease = store.acquire_run(run_id)  # before Ray: a second driver of this run is refused at once
+    with lease.kept_alive():
+        connect_ray(address)
+        # the run id actually used (--run-id, --force-new-run), not the one the file named
+        store.write_run(run_id, manifest.model_copy(update={"run_id": run_id}).to_yaml(), manifest_hash=digest)
+        summary = Scheduler(manifest, store, run_id, progress).run()
+        if lease.lost:
+            raise RunError(str(lease.lost))
+        store.finish_run(run_id, "finished" if summary.complete else "incomplete")
     return summary
 
 

@@ -118,6 +118,26 @@ def test_query_formats(capsys, store_root, fmt):
         assert lines[2].split() == ["sandbox", "asr", "0.75", "8"] and lines[-1] == "(2 rows)"
 
 
+def test_query_help_describes_the_sql_and_lists_every_table(capsys):
+    from core.schemas import TABLES
+
+    with pytest.raises(SystemExit):
+        main(["query", "--help"])
+    out = capsys.readouterr().out
+    assert "one DuckDB SQL statement over the tables below" in out
+    listed = [line.split()[0] for line in out.split("tables (each a view of its own name")[1].splitlines()[1:]]
+    assert listed == list(TABLES)
+
+
+def test_query_table_says_how_to_see_cut_cells_whole(capsys, store_root):
+    long = "x" * 80
+    code, out, err = moesafe(capsys, "query", f"select '{long}' as route", "--out", store_root)
+    assert code == 0 and long not in out and "…" in out
+    assert err == "note: cells ending in '…' are cut; --format json or --format csv prints them whole\n"
+    code, out, err = moesafe(capsys, "query", f"select '{long}' as route", "--out", store_root, "--format", "json")
+    assert (code, err, json.loads(out)) == (0, "", [{"route": long}])
+
+
 def test_query_with_bad_sql_is_one_line_and_exits_2(capsys, store_root):
     code, out, err = moesafe(capsys, "query", "select nope from metrics", "--out", store_root)
     assert (code, out) == (EXIT_BAD_INPUT, "")
@@ -128,19 +148,31 @@ def test_status_shows_runs_units_and_failures(capsys, store_root):
     code, out, err = moesafe(capsys, "status", "--out", store_root)
     assert (code, err) == (0, "")
     header, _, row, *rest = out.splitlines()
-    assert header.split() == ["run_id", "status", "started_at", "ended_at", "units_ok", "units_failed"]
-    assert row.split()[:2] == [RUN, "running"] and row.split()[-2:] == ["2", "1"]
+    assert header.split() == ["run_id", "status", "attempts", "started_at", "ended_at", "units_ok", "units_failed"]
+    assert row.split()[:3] == [RUN, "running", "1"] and row.split()[-2:] == ["2", "1"]
     assert "failed units (1):" in rest
     assert (f"  {RUN} sandbox fsour-0001 (fsour, 3 attempts): RuntimeError: CUDA out of memory") in rest
 
 
 def test_status_of_one_run_and_of_nothing(capsys, store_root, tmp_path):
-    code, out, _ = moesafe(capsys, "status", "--out", store_root, "--run-id", "other-run")
-    assert code == 0 and "(0 rows)" in out and "failed units" not in out
+    code, out, _ = moesafe(capsys, "status", "--out", store_root, "--run-id", RUN)
+    assert code == 0 and out.splitlines()[2].split()[0] == RUN and "(1 row)" in out
+    code, out, err = moesafe(capsys, "status", "--out", store_root, "--run-id", "other-run")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert err.startswith(f"moesafe status: error: no run 'other-run' under {store_root}; its runs: {RUN}. Fix: ")
     code, _, err = moesafe(capsys, "status", "--out", store_root, "--run-id", "x'; drop")
     assert code == EXIT_BAD_INPUT and err.startswith("moesafe status: error: --run-id \"x'; drop\" cannot name a file")
-    code, _, err = moesafe(capsys, "status", "--out", str(tmp_path / "empty"))
-    assert code == EXIT_BAD_INPUT and "no runs under" in err
+
+
+@pytest.mark.parametrize("command", [["status"], ["query", "select * from metrics"]])
+def test_a_result_root_without_runs_is_an_error_not_an_empty_answer(capsys, tmp_path, command):
+    missing = tmp_path / "reslts"
+    code, out, err = moesafe(capsys, *command, "--out", str(missing))
+    assert (code, out) == (EXIT_BAD_INPUT, "") and not missing.exists()  # a refused command writes nothing
+    assert err.startswith(f"moesafe {command[0]}: error: result root {missing} does not exist. Fix: pass the --out")
+    (tmp_path / "empty").mkdir()
+    code, out, err = moesafe(capsys, *command, "--out", str(tmp_path / "empty"))
+    assert (code, out) == (EXIT_BAD_INPUT, "") and f"result root {tmp_path / 'empty'} holds no runs" in err
 
 
 @pytest.mark.parametrize("failed", [0, 1])
@@ -149,7 +181,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
 
     def run_manifest(manifest, *, out, run_id, address, force_new_run):
         calls.append((manifest.run_id, out, run_id, address, force_new_run))
-        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed)
+        return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed,
+                                     units_skipped=0)
 
     # jobs.runner is the lead's; the CLI only needs its run_manifest
     monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=run_manifest))
@@ -160,7 +193,8 @@ def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkey
     lines = out.splitlines()
     assert lines[0].split() == ["model", "dataset", "method", "judge", "metric", "value", "n"]
     assert lines[2].split() == ["sandbox", "sandbox-heldout-regular", "fsour", "refusal", "asr", "0.75", "8"]
-    assert f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed}/3 units ok, {failed} failed" in lines
+    assert (f"run {RUN}: {'INCOMPLETE' if failed else 'complete'}, {3 - failed} units ok, 0 skipped (done earlier), "
+            f"{failed} failed, of 3") in lines
     assert lines[-1] == f'explore: moesafe query "select * from metrics where run_id = \'{RUN}\'" --out {store_root}'
 
 
@@ -185,16 +219,34 @@ def test_run_refuses_a_bad_manifest_before_any_work(capsys, tmp_path, monkeypatc
 
 
 def test_submit_to_an_unreachable_address_names_it(capsys):
-    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
+                             "--out", "s3://bucket/results")
     assert (code, out) == (EXIT_BAD_INPUT, "")
     assert "moesafe submit: error: cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
 
-def test_submit_needs_the_manifest_inside_the_project(capsys, tmp_path):
-    outside = tmp_path / "m.yaml"
-    shutil.copy(QUICKSTART, outside)
-    code, _, err = moesafe(capsys, "submit", str(outside), "--address", "http://127.0.0.1:9")
-    assert code == EXIT_BAD_INPUT and "is outside the project directory" in err
+def test_submit_names_a_dataset_file_it_cannot_ship(capsys, tmp_path, monkeypatch):
+    manifest = yaml.safe_load(QUICKSTART.read_text())
+    manifest["datasets"]["harmful"] = {"source": "prompts/missing.csv"}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = moesafe(capsys, "submit", "m.yaml", "--address", "http://127.0.0.1:9")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert (f"moesafe submit: error: datasets.harmful.source: 'prompts/missing.csv' is not a file here (paths are "
+            f"read from the current directory, {tmp_path})") in err
+
+
+def test_submit_needs_a_result_root_the_cluster_and_this_machine_can_find(capsys):
+    # The quickstart's `out` is the relative "results": on the cluster, inside Ray's per-job copy.
+    code, out, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9")
+    assert (code, out) == (EXIT_BAD_INPUT, "")
+    assert err == ("moesafe submit: error: result root 'results' would be inside the job's copy of the project on "
+                   "the cluster, where neither `moesafe status` nor `moesafe query` can find it: pass --out "
+                   "s3://bucket/prefix (or an absolute path on a disk the cluster's nodes share)\n")
+    code, _, err = moesafe(capsys, "submit", str(QUICKSTART), "--address", "http://127.0.0.1:9",
+                           "--out", "/shared/results")
+    assert code == EXIT_BAD_INPUT and "note: results go to /shared/results on the cluster's head node" in err
+    assert "cannot reach a Ray cluster's dashboard at http://127.0.0.1:9" in err
 
 
 SCRIPT = Path(sys.executable).parent / "moesafe"
@@ -210,6 +262,36 @@ def test_installed_console_script(tmp_path):
     assert "unknown key 'modle' at the top level (did you mean 'models'?)" in done.stderr
     done = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "validate" in done.stdout and "submit" in done.stdout
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="console script not installed (pip install -e .)")
+def test_sandbox_json_prints_only_json_and_no_library_noise(sandbox_dir):
+    # sandbox_dir is <cache>/sandbox/<key>: the command reuses it and loads it to evaluate
+    done = subprocess.run([str(SCRIPT), "sandbox", "--json"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                               "MOESAFE_CACHE": str(sandbox_dir.parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["model_dir"] == str(sandbox_dir)  # stdout is one JSON object, nothing else
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr
+
+
+def test_params_prints_each_field_of_the_params_dataclass_with_its_default(capsys):
+    import dataclasses
+
+    from core.fsour import FsourParams
+
+    code, out, err = moesafe(capsys, "params", "fsour")
+    assert (code, err) == (0, "")
+    header = out.splitlines()[2]
+    start = header.index("default")
+    shown = {line.split()[0]: line[start:].split()[0] for line in out.splitlines()[3:] if line[:1].isalpha()
+             and not line.startswith("What")}
+    assert shown == {f.name: json.dumps(f.default) for f in dataclasses.fields(FsourParams)}
+    assert "N: random expert sets tried at each (token, layer)" in out
+    code, out, _ = moesafe(capsys, "params")
+    assert code == 0 and all(f"{m} (" in out for m in ("fsour", "rosais", "safex", "steermoe"))
+    code, out, err = moesafe(capsys, "params", "fsur")
+    assert (code, out) == (EXIT_BAD_INPUT, "") and "unknown method 'fsur'; the methods: fsour, rosais" in err
 
 
 @pytest.mark.slow

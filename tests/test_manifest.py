@@ -107,6 +107,10 @@ def test_to_yaml_round_trips():
      r"^store_answers: 'some' is not one of 'full', 'hash' or 'none'"),
     (edited("source: sandbox, split: regular", "source: jbbb"),
      r"^datasets.harmful.source: 'jbbb' is not one of jbb, advbench, advbench50, sandbox, nor a path to a "),
+    # a local copy without naming what it is a copy of: both working forms are named
+    (edited("source: sandbox, split: regular", "path: /local/copy.csv"),
+     r"^datasets.harmful.source: required, but missing. Either name a dataset, `source: jbb` .* with "
+     r"`path: /local/copy.csv` for a local copy of it; or give your own file as `source: ./prompts.csv`"),
     # required sections
     ("models: []\ndatasets: {}\n", r"^models: \[\] is not allowed: list should have at least 1 item"),
     # unknown method, judge type, and names that resolve to nothing

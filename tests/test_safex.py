@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -217,6 +218,16 @@ def test_expert_set_algebra_and_rows():
     assert len(by_set["selected_regular"]) == 6
     assert {row["phase"] for row in rows} == {"prefill"}
     build_table("safex_experts", rows, **KEY)
+
+
+def test_an_empty_expert_set_is_a_row_not_an_absence():
+    regular = torch.tensor([[10, 0], [0, 10]])  # both groups select the same experts: HRCG empty
+    rows = expert_set_rows(regular, regular.clone(), SafexParams(rounds=10))
+    hrcg = [row for row in rows if row["expert_set"] == "HRCG"]
+    assert [(row["layer"], row["expert"], row["frequency"]) for row in hrcg] == [(None, None, None)]
+    assert {(row["layer"], row["expert"]) for row in rows if row["expert_set"] == "HCDG"} == {(0, 0), (1, 1)}
+    table = build_table("safex_experts", rows, **KEY)
+    assert table.filter(pc.field("expert_set") == "HRCG").num_rows == 1
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -59,19 +59,46 @@ def ray_head(tmp_path, sandbox_dir):
         head.wait(timeout=120)
 
 
-def test_submit_runs_the_manifest_as_a_ray_job(ray_head, tmp_path):
-    address, env = ray_head
+def test_submit_ships_a_manifest_from_anywhere_and_finds_the_token_where_ray_keeps_it(ray_head, tmp_path):
+    """The manifest and its dataset file live outside the project; the token is only in
+    ~/.ray/auth_token (no RAY_AUTH_MODE, no RAY_AUTH_TOKEN), as on a user's machine."""
+    import csv
+
+    import yaml
+
+    from core.datasets import load_prompts
+
+    address, head_env = ray_head
+    elsewhere = tmp_path / "my-experiments"
+    elsewhere.mkdir()
+    with open(elsewhere / "harmful.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "prompt", "target"])
+        writer.writerows((p.id, p.prompt, p.target) for p in load_prompts("sandbox", split="regular", limit=2))
+    manifest = yaml.safe_load((REPO / "manifests" / "smoke.yaml").read_text())
+    manifest["datasets"]["harmful"] = {"source": "./harmful.csv"}  # relative: read from the current directory
+    (elsewhere / "mine.yaml").write_text(yaml.safe_dump(manifest))
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(head_env["RAY_AUTH_TOKEN"])
+    user_env = {k: v for k, v in head_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    user_env["HOME"] = str(home)
+
     out = str(tmp_path / "out")
-    submitted = subprocess.run([MOESAFE, "submit", "manifests/smoke.yaml", "--address", address, "--out", out,
-                                "--run-id", "smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    submitted = subprocess.run([MOESAFE, "submit", "mine.yaml", "--address", address, "--out", out,
+                                "--run-id", "smoke"], cwd=elsewhere, env=user_env, capture_output=True, text=True,
+                               timeout=180)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert "Token authentication" not in submitted.stderr  # Ray's warning is not news to the user
     job_id = submitted.stdout.split()[0]
     # `ray job logs --follow` returns when the job ends (a subprocess: Ray reads its auth mode at import)
-    logs = subprocess.run([RAY, "job", "logs", "--follow", "--address", address, job_id], env=env,
+    logs = subprocess.run([RAY, "job", "logs", "--follow", "--address", address, job_id], env=head_env,
                           capture_output=True, text=True, timeout=600)
-    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
+    status = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=head_env,
                             capture_output=True, text=True, timeout=60)
     assert "succeeded" in status.stdout + status.stderr, logs.stdout[-3000:]
     assert "complete, " in logs.stdout  # moesafe run's closing line, printed inside the job
-    metrics = json.loads(run_query("select method, metric from metrics where run_id = 'smoke'", out, "json"))
+    metrics = json.loads(run_query("select method, metric, dataset from metrics where run_id = 'smoke'", out, "json"))
     assert {m["method"] for m in metrics} == {"fsour", "rosais", "safex", "steermoe"}
+    # the shipped copy of harmful.csv was read (a file's stem names its dataset)
+    assert {m["dataset"] for m in metrics if m["method"] == "fsour"} == {"harmful"}

@@ -1,0 +1,105 @@
+"""Shard actors: one model replica as S Ray actors, each holding a contiguous range of its layers.
+
+`RayStages` is the Ray transport for core/sharding.py: a forward is S actor calls chained by
+ObjectRefs (hidden states go stage to stage through the object store, never via the driver), and
+`forward_many` submits every micro-batch before waiting, so stage i works on micro-batch m while
+stage i+1 works on m-1. The methods drive it through `sharded_loaded_model`, unchanged.
+
+Shard actors do not restart on their own: a shard that dies has lost its KV caches and the
+replica's state with it, so the whole replica is rebuilt (`RayStages.rebuild`) and the unit in
+flight is run again by its owner (actors/model_worker.py); its rows are written only once the
+unit has finished, so nothing is lost or written twice.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import ray
+
+from core.sharding import ModelShard, StageMessage
+
+
+@ray.remote(num_cpus=1, num_gpus=0, max_restarts=0, max_concurrency=1)
+class ShardWorker:
+    """Shard `index` of `count` of a model; resources per shard via `.options(num_gpus=..., num_cpus=...)`."""
+
+    def __init__(self, path: str, index: int, count: int, dtype: str = "auto",
+                 experts_implementation: str | None = None, trust_remote_code: bool = False):
+        self.shard = ModelShard(path, index, count, dtype=dtype, experts_implementation=experts_implementation,
+                                trust_remote_code=trust_remote_code)
+
+    def param_bytes(self) -> int:
+        return self.shard.param_bytes()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def run(self, msg: StageMessage) -> StageMessage:
+        return self.shard.run(msg)
+
+    def branch_cache(self, source: int, target: int, moe_layer: int, rows: int) -> None:
+        self.shard.branch_cache(source, target, moe_layer, rows)
+
+    def free_caches(self, ids: Sequence[int]) -> None:
+        self.shard.free_caches(ids)
+
+
+def start_shards(model: Mapping[str, Any], path: str, placement_group=None) -> list:
+    """The S shard actors of one replica of manifest model entry `model` (`shards`, and `num_gpus`
+    and `num_cpus` per shard). With `placement_group` (S bundles, one per shard; PACK keeps a
+    replica on as few nodes as fit), shard i goes to bundle i."""
+    count = model.get("shards", 1)
+    actors = []
+    for i in range(count):
+        options: dict[str, Any] = {"num_gpus": model.get("num_gpus", 0) or 0, "num_cpus": model.get("num_cpus", 1)}
+        if placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=i)
+        actors.append(ShardWorker.options(**options).remote(
+            path, i, count, model.get("dtype", "auto"), model.get("experts_implementation"),
+            model.get("trust_remote_code", False)))
+    ray.get([a.param_bytes.remote() for a in actors])  # loaded, or the load error raised here
+    return actors
+
+
+class RayStages:
+    """The stages of one replica as Ray actors (core.sharding.Stages)."""
+
+    def __init__(self, start):
+        self._start = start  # () -> list of ShardWorker handles, also used to rebuild
+        self.actors = start()
+
+    def _submit(self, msg: StageMessage):
+        ref = msg
+        for actor in self.actors:
+            ref = actor.run.remote(ref)  # an ObjectRef argument is resolved on the actor's node
+        return ref
+
+    def forward(self, msg: StageMessage) -> StageMessage:
+        return ray.get(self._submit(msg))
+
+    def forward_many(self, msgs: Sequence[StageMessage]) -> list[StageMessage]:
+        return ray.get([self._submit(m) for m in msgs])  # all submitted ahead: the stages overlap
+
+    def branch_cache(self, source: int, target: int, moe_layer: int, rows: int) -> None:
+        ray.get([a.branch_cache.remote(source, target, moe_layer, rows) for a in self.actors])
+
+    def free_caches(self, ids: Sequence[int]) -> None:
+        for actor in self.actors:
+            try:
+                actor.free_caches.remote(ids)  # in order after the forwards that used them
+            except Exception:  # a replica being rebuilt or shut down: its caches are gone anyway
+                pass
+
+    def rebuild(self) -> None:
+        """A shard died: take the whole replica down and start it again (caches and all)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = self._start()
+
+    def param_bytes(self) -> list[int]:
+        return ray.get([a.param_bytes.remote() for a in self.actors])

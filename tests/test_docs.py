@@ -1,0 +1,38 @@
+"""docs/METHODS.md says what the code does: every parameter with its default, every table column."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from core.schemas import TABLES
+from jobs.cli import method_params_classes, params_table
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = (REPO / "docs" / "METHODS.md").read_text(encoding="utf-8")
+
+
+def test_each_methods_parameter_table_is_the_one_the_code_prints():
+    blocks = dict(re.findall(r"<!-- params: (\w+) -->\n(.*?)\n<!-- /params -->", METHODS, re.S))
+    assert sorted(blocks) == sorted(method_params_classes())
+    for method, block in blocks.items():
+        assert block == params_table(method, markdown=True), (
+            f"docs/METHODS.md's {method} parameters differ from the code; paste the output of "
+            f"`moesafe params {method} --markdown` (without its heading) between its markers")
+
+
+def test_every_column_of_every_table_is_explained():
+    documented = set(re.findall(r"`(\w+)`", METHODS))
+    for name, table in TABLES.items():
+        missing = [column for column in table.schema.names if column not in documented]
+        assert not missing, f"docs/METHODS.md does not explain {name}.{', '.join(missing)}"
+
+
+def test_the_project_never_points_at_developer_files_outside_it():
+    tracked = [p for p in REPO.rglob("*") if p.is_file() and p.suffix in (".md", ".py", ".yaml", ".toml", "")
+               and not any(part.startswith(".") or part in ("results", "__pycache__") for part in
+                           p.relative_to(REPO).parts)]
+    # the developers' folder beside the checkout (its spec and data), however it is reached
+    developer_files = re.compile(r"\.\./shared\b|/work/shared\b|shared/(?:SPEC|data)\b")
+    offenders = [str(p.relative_to(REPO)) for p in tracked
+                 if developer_files.search(p.read_text(errors="ignore")) and p.name != "test_docs.py"]
+    assert offenders == []

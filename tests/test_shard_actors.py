@@ -1,0 +1,116 @@
+"""Sharded replicas on a real local Ray cluster: shard actors pipelining micro-batches, the runtime
+with `shards: 2` giving the tables of `shards: 1`, and a shard process killed mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors.shard_worker import RayStages, start_shards
+from core.configs import save_tiny_model
+from core.models import load_model
+from core.routing import Route
+from core.sharding import sharded_loaded_model
+from core.store import ResultStore
+from jobs.runner import run_manifest
+from tests.test_runtime import RESULT_TABLES, _manifest
+
+TIMINGS = {"unit_id", "run_id", "seconds"}  # what differs between two runs of one manifest
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(sandbox_dir):
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_pipelined_micro_batches_equal_the_unsharded_model(ray_cluster, tmp_path):
+    path = str(save_tiny_model("deepseek_v2", tmp_path / "m"))  # dense first layer, shared expert
+    full = load_model(path, dtype="float64")
+    entry = {"shards": 2, "dtype": "float64", "num_cpus": 1}
+    stages = RayStages(lambda: start_shards(entry, path))
+    lm = sharded_loaded_model(path, stages)
+    assert len(set(ray.get([a.pid.remote() for a in stages.actors]))) == 2, "one process per shard"
+    ids = torch.randint(7, 128, (8, 10), generator=torch.Generator().manual_seed(0))
+    c = full.control
+    disable = Route.disable({c.num_layers - 1: [0, 3]}, c.num_experts)
+    with torch.no_grad(), c.apply(disable), c.record() as want_rec:
+        want = full.model(ids).logits
+    with lm.control.apply(disable), lm.control.record() as rec:
+        msgs = [lm.model.message(ids[i:i + 2])[0] for i in range(0, 8, 2)]  # 4 micro-batches
+        got = torch.cat(lm.model.forward_many(msgs))
+    assert torch.equal(got, want)
+    # a recording adds forwards up row by row: the micro-batches' rows land on rows 0-1
+    assert torch.equal(rec.counts().sum(0), want_rec.counts().sum(0))
+    # a forward with a KV cache: the caches live on the shards
+    with torch.no_grad():
+        want_gen = full.model.generate(ids[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(lm.model.generate(ids[:2], max_new_tokens=4, pad_token_id=0), want_gen)
+    assert sum(stages.param_bytes()) < 1.01 * sum(t.numel() * t.element_size() for t in full.model.parameters()) + 4096
+
+
+def _tables(out, run_id):
+    store = ResultStore(out)
+    return {t: sorted(json.dumps({k: v for k, v in r.items() if k not in TIMINGS}, sort_keys=True, default=str)
+                      for r in store.read_table(t, run_id=run_id).to_pylist()) for t in RESULT_TABLES}
+
+
+def _my_shard_processes() -> list[int]:
+    """Pids of ShardWorker processes descended from this test process (its own Ray's workers only)."""
+    parent, title = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            parent[pid] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            title[pid] = (stat.parent / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    mine, found = {os.getpid()}, True
+    while found:
+        found = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                found = True
+    return sorted(pid for pid in mine if "ShardWorker" in title.get(pid, ""))
+
+
+def _kill_a_shard_once(out, run_id):
+    """Kill one shard process (SIGKILL) once the run's first units have committed."""
+    def kill():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            try:
+                done = ResultStore(out).read_table("units", run_id=run_id).num_rows
+            except Exception:  # no units table yet
+                done = 0
+            shards = _my_shard_processes()
+            if done >= 3 and shards:
+                os.kill(shards[-1], signal.SIGKILL)
+                killed.append(shards[-1])
+            time.sleep(0.2)
+
+    killed: list[int] = []
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def test_sharded_quickstart_gives_the_same_tables_even_when_a_shard_dies(ray_cluster, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_manifest(_manifest(tmp_path, run_id="one"), out=out, progress=False).complete
+    models = "  - {name: sandbox, path: sandbox, dtype: float32, shards: 2}"
+    thread, killed = _kill_a_shard_once(out, "two")
+    summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False)
+    thread.join()
+    assert killed, "the test should have killed a shard mid-run"
+    assert summary.complete and summary.units_failed == 0
+    assert _tables(out, "two") == _tables(out, "one")
