@@ -10,10 +10,14 @@ from core.judges import make_judge
 
 @ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=-1)  # why -1: see model_worker.py
 class JudgeWorker:
-    """Resources per judge via `.options(num_gpus=...)`."""
+    """Resources and placement group bundle per judge via `.options(...)` (jobs.runner)."""
 
     def __init__(self, settings: Mapping[str, Any]):
         self.judge_impl = make_judge(**settings)
+
+    def check(self) -> None:
+        """The preflight: load the judge model here, where it will judge (JudgeError if unusable)."""
+        self.judge_impl.check()
 
     def describe(self) -> tuple[str, dict]:
         return self.judge_impl.name, self.judge_impl.settings

@@ -34,24 +34,26 @@ def error_text(e: BaseException) -> str:
 
 @ray.remote(num_cpus=1, num_gpus=0, max_restarts=3, max_task_retries=-1, max_concurrency=1)
 class ModelWorker:
-    """One model replica; resources are set per model with `.options(num_gpus=..., num_cpus=...)`."""
+    """One model replica; resources and its placement group bundle are set per replica with
+    `.options(num_gpus=..., num_cpus=..., scheduling_strategy=...)` (jobs.runner)."""
 
     def __init__(self, model: Mapping[str, Any], judges: Mapping[str, Any], store_root: str, run_id: str,
-                 store_answers: str):
+                 store_answers: str, placement_group=None):
         path = resolve_model_path(model["path"])
         self.stages = None  # a sharded replica's shard actors (actors/shard_worker.py)
         if model.get("shards", 1) > 1:
             from actors.shard_worker import RayStages, start_shards
             from core.sharding import sharded_loaded_model
 
-            # issue 12's placement group (S bundles, PACK) goes here: start_shards(model, path, group)
-            self.stages = RayStages(lambda: start_shards(model, path))
+            # the replica's placement group holds one bundle per shard (jobs/runner.py)
+            self.stages = RayStages(lambda: start_shards(model, path, placement_group))
             self.lm = sharded_loaded_model(path, self.stages, name=model["name"],
                                            trust_remote_code=model.get("trust_remote_code", False))
         else:
             self.lm = load_model(path, name=model["name"], dtype=model["dtype"], device_map=model.get("device_map"),
                                  experts_implementation=model.get("experts_implementation"),
-                                 trust_remote_code=model.get("trust_remote_code", False))
+                                 trust_remote_code=model.get("trust_remote_code", False),
+                                 revision=model.get("revision"), device=model.get("device", "auto"))
         # judges: name -> a JudgeWorker handle (runs on its own actor) or settings to build one here
         self.judges = {name: RemoteJudge(j) if isinstance(j, ray.actor.ActorHandle) else make_judge(**j)
                        for name, j in judges.items()}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ from core.routing import RouteControl
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ModelLoadError(RuntimeError):
@@ -66,9 +71,10 @@ class ModelShape:
     top_k: int
 
 
-def describe_model(path: str, trust_remote_code: bool = False) -> ModelShape:
-    """A model's MoE shape from its config alone: built on the meta device, so no weights load."""
-    config = load_config(resolve_path(path), trust_remote_code)
+def describe_model(path: str, trust_remote_code: bool = False, revision: str | None = None) -> ModelShape:
+    """A model's MoE shape from its config alone: built on the meta device, so no weights load
+    (for an s3:// prefix only its config.json is read: planning on the driver downloads no weights)."""
+    config = load_config(path if path.startswith("s3://") else resolve_path(path), trust_remote_code, revision)
     family = family_for(getattr(config, "model_type", "?")).model_type
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -90,29 +96,59 @@ def resolve_path(path: str) -> str:
     return path  # a hub id
 
 
-def _download_s3(prefix: str) -> Path:
-    import s3fs
+def _s3_cache_dir(prefix: str, kind: str) -> Path:
+    return cache_root() / kind / hashlib.sha256(prefix.rstrip("/").encode()).hexdigest()[:16]
 
-    target = cache_root() / "models" / hashlib.sha256(prefix.encode()).hexdigest()[:16]
+
+def _download_s3(prefix: str) -> Path:
+    """The model under `prefix`, downloaded once per node into the node-local cache.
+
+    Replicas on one node share the copy: the first takes the file lock and downloads, the others
+    wait on the lock and then find the download complete."""
+    import s3fs
+    from filelock import FileLock
+
+    target = _s3_cache_dir(prefix, "models")
     done = target / ".complete"
-    if not done.exists():
-        fs = s3fs.S3FileSystem()
-        if not fs.exists(prefix):
-            raise ModelLoadError(f"model path {prefix!r} does not exist on S3")
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        fs.get(prefix.rstrip("/") + "/", str(tmp), recursive=True)
-        if target.exists():  # another process finished first
-            import shutil
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-        done.touch()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            fs = s3fs.S3FileSystem()
+            if not fs.exists(prefix):
+                raise ModelLoadError(f"model path {prefix!r} does not exist on S3")
+            if target.exists():  # a download that died half-way
+                shutil.rmtree(target)
+            fs.get(prefix.rstrip("/") + "/", str(target), recursive=True)
+            done.touch()
     return target
 
 
-def load_config(path: str, trust_remote_code: bool = False):
-    """The model's config, with a clear error for unreachable hubs and remote code."""
-    if not os.path.isdir(path):
+def _s3_config_dir(prefix: str) -> Path:
+    """A directory holding only the config.json of the model under `prefix`, read afresh (one
+    small GET: the prefix may hold another model since the last look); no weights are read."""
+    import s3fs
+
+    target = _s3_cache_dir(prefix, "configs")
+    config_file = prefix.rstrip("/") + "/config.json"
+    try:
+        data = s3fs.S3FileSystem().cat_file(config_file)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{config_file} does not exist: point `path` at a saved model's prefix") from None
+    except Exception as error:  # botocore's credential and permission errors share no useful base
+        raise ModelLoadError(f"cannot read {config_file}: {type(error).__name__}: {error}") from None
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".config.json.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_bytes(data)
+    os.replace(tmp, target / "config.json")
+    return target
+
+
+def load_config(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The model's config (for an s3:// prefix, its config.json alone), with a clear error for
+    unreachable hubs and remote code."""
+    if path.startswith("s3://"):
+        path = str(_s3_config_dir(path))
+    elif not os.path.isdir(path):
         from core.hub import hub_unreachable
 
         endpoint = hub_unreachable()
@@ -121,7 +157,7 @@ def load_config(path: str, trust_remote_code: bool = False):
                                  "at a local copy of the model directory, or an s3:// prefix; or set "
                                  "HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache")
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelLoadError(f"model {path!r} needs custom code from its repository; it runs only if the "
@@ -136,18 +172,27 @@ def load_config(path: str, trust_remote_code: bool = False):
 
 def load_model(path: str, *, name: str | None = None, dtype: str = "auto", device_map: str | dict | None = None,
                experts_implementation: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> LoadedModel:
+               attn_implementation: str | None = None, revision: str | None = None,
+               device: str = "auto") -> LoadedModel:
     """Load a supported MoE model and install route control on it.
 
-    device_map: None keeps the model on one device ("cuda" if any GPU is visible, else CPU);
-    "auto" spreads a model larger than one GPU over the GPUs given to the process.
+    device: "auto" = "cuda" if any GPU is visible, else the CPU; "cpu" even when GPUs are visible
+    (debugging, or tests on nodes that only claim GPUs); "cuda" refuses to fall back to the CPU.
+    device_map: None keeps the model on that one device; "auto" spreads a model larger than one
+    GPU over the GPUs given to the process. revision: a hub model's branch, tag or commit.
     """
+    if device not in DEVICES:
+        raise ModelLoadError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model {name or path!r} asks for device: cuda, but this process sees no GPU "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): give it "
+                             "num_gpus, or set device: cpu")
     local = resolve_path(path)
-    config = load_config(local, trust_remote_code)
+    config = load_config(local, trust_remote_code, revision)
     family_for(getattr(config, "model_type", "?"))  # refuses non-MoE and unsupported families early
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    kwargs: dict[str, Any] = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, revision=revision)
     if experts_implementation is None and dtype == "float64":
         experts_implementation = "eager"  # grouped_mm kernels take no float64
     if experts_implementation:
@@ -160,10 +205,10 @@ def load_model(path: str, *, name: str | None = None, dtype: str = "auto", devic
         model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
     except OSError as e:
         raise ModelLoadError(f"cannot load weights for {path!r}: {e}") from e
-    if device_map is None and torch.cuda.is_available():
+    if device_map is None and device != "cpu" and torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

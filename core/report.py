@@ -6,7 +6,8 @@ the tables and renders what these functions return.
 
 Columns that later schema versions add are read when present: `metrics.judge` (several judges
 per method; without the column a metric row belongs to its method's one judge, named from the
-run's manifest), `units.status == "reused"` or `units.reused`, and a model's `revision` (from
+run's manifest), `units.reused_from` (the store's mark of a unit copied from an earlier run; also
+`units.status == "reused"` or `units.reused`), and a model's `revision` (from
 the manifest, or a `revision` column).
 """
 from __future__ import annotations
@@ -180,7 +181,7 @@ def model_summaries(run_rows: Rows, *tables: Rows) -> list[dict]:
 
 
 def _is_reused(unit: Mapping[str, Any]) -> bool:
-    return unit.get("status") == "reused" or bool(unit.get("reused"))
+    return bool(unit.get("reused_from")) or unit.get("status") == "reused" or bool(unit.get("reused"))
 
 
 def unit_health(unit_rows: Rows) -> list[dict]:

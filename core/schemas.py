@@ -112,6 +112,7 @@ _ALL = [
         _col("seconds", pa.float64()),
         _col("error", pa.string(), nullable=True),
         _col("finished_at", _TS),
+        _col("reused_from", pa.string(), nullable=True),  # the run whose rows were copied, not recomputed
         _SCHEMA_VERSION,
     ]),
     _method_table("rosais_scores", 1, "RoSais per prompt x MoE layer", [

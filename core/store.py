@@ -38,7 +38,6 @@ import re
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping, Sequence
 
@@ -321,6 +320,23 @@ class ResultStore:
         finally:
             os.close(descriptor)  # releases the flock
 
+    def reuse_unit(self, source_run: str, run_id: str, model: str, unit_id: str) -> None:
+        """Commit unit `unit_id`, computed ok by run `source_run`, under `run_id` too: its rows
+        copied (a unit id hashes everything that determines its result), its `units` row saying
+        `reused_from`. Commits like write_unit."""
+        slug = model_slug(model)
+        [source] = [u for u in self.read_table(UNITS_TABLE, run_id=source_run, model=slug).to_pylist()
+                    if u["unit_id"] == unit_id and u["status"] == "ok"]
+        tables = {}
+        for name in RESULT_TABLES:
+            path = self._unit_path(name, slug, source_run, unit_id)
+            if self.fs.exists(path):
+                rows = pq.read_table(path, filesystem=self.fs)
+                tables[name] = rows.drop_columns(["run_id", "schema_version"])
+        self.write_unit(run_id, model, unit_id, tables, {
+            "method": source["method"], "kind": source["kind"], "status": "ok", "attempts": 0, "seconds": 0.0,
+            "error": None, "reused_from": source_run})
+
     # -- reading -----------------------------------------------------------------------------
 
     def read_table(self, name: str, run_id: str | None = None, model: str | None = None) -> pa.Table:
@@ -340,6 +356,16 @@ class ResultStore:
     def done_units(self, run_id: str, model: str | None = None) -> set[str]:
         """Ids of the run's units that finished ok: what a resumed run skips."""
         return self._unit_ids(run_id, model, "ok")
+
+    def units_done_elsewhere(self, run_id: str) -> dict[tuple[str, str], str]:
+        """(model slug, unit id) -> a run other than `run_id` that computed that unit ok itself:
+        what a run may reuse instead of recomputing."""
+        units = self.read_table(UNITS_TABLE)
+        done = {}
+        for u in units.to_pylist():
+            if u["status"] == "ok" and u["run_id"] != run_id and u["reused_from"] is None:
+                done[(u["model"], u["unit_id"])] = u["run_id"]
+        return done
 
     def failed_units(self, run_id: str, model: str | None = None) -> set[str]:
         return self._unit_ids(run_id, model, "failed")

@@ -5,8 +5,9 @@
     moesafe methods                           the registered methods, their datasets, tables and params
     moesafe params [METHOD] [--markdown]      each method's parameters, defaults and meaning
     moesafe validate MANIFEST [--out ROOT]    every check a run makes before it starts work
-    moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run]
-    moesafe submit MANIFEST --address http://HEAD:8265 --out s3://... [--run-id ID]
+    moesafe run MANIFEST [--out ROOT] [--run-id ID] [--address ADDR] [--force-new-run] [--wait-timeout MIN]
+                 [--no-reuse]
+    moesafe submit MANIFEST --address http://HEAD:8265 --out s3://... [--run-id ID] [--env NAME]...
     moesafe status [--out ROOT] [--run-id ID]
     moesafe query "SQL" [--out ROOT] [--format table|csv|json]   (`query --help` lists the tables)
     moesafe report [--out ROOT] [--run-id ID ...] [--html FILE] [--compare RUN_A RUN_B]
@@ -108,11 +109,21 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     sub.add_argument("--force-new-run", action="store_true",
                      help="start the run id afresh instead of resuming it")
+    sub.add_argument("--wait-timeout", type=float, default=30.0, metavar="MINUTES",
+                     help="give up when nothing of the run has been placed for this long, e.g. while the "
+                          "autoscaler adds nodes (default: 30)")
+    sub.add_argument("--no-reuse", action="store_true",
+                     help="recompute units that another run under the same --out already computed")
 
     sub = command("submit", cmd_submit, "submit `moesafe run MANIFEST` to a Ray cluster as a job")
     manifest_args(sub)
     sub.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
     sub.add_argument("--run-id", help="default: the manifest's run_id, else <file stem>-<hash>")
+    sub.add_argument("--env", action="append", default=[], metavar="NAME",
+                     help="pass this environment variable (e.g. a judge's API key) to the job's processes in its "
+                          "runtime env; shown to whoever can open the cluster's dashboard (see README)")
+    sub.add_argument("--wait-timeout", type=float, default=30.0, metavar="MINUTES",
+                     help="as for `moesafe run`: how long the job waits for nodes")
 
     sub = command("status", cmd_status, "runs, their units by status, and failed units' errors")
     out_arg(sub)
@@ -272,13 +283,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(Path(args.manifest))
     check_manifest(manifest, out=args.out)
     result = run_manifest(manifest, out=args.out or manifest.out, run_id=run_id, address=args.address,
-                          force_new_run=args.force_new_run)
+                          force_new_run=args.force_new_run, wait_timeout_s=args.wait_timeout * 60,
+                          reuse=not args.no_reuse)
     # the store accepts only file-safe run ids ([A-Za-z0-9._-]), so quoting one into SQL is safe
     where = f"run_id = '{result.run_id}'"
     print(run_query(f"select model, dataset, method, judge, metric, value, n from metrics where {where} "
                     f"order by model, method, dataset, judge, metric", result.out))
     print(f"\nrun {result.run_id}: {_outcome(result)}")
     out = shlex.quote(str(result.out))
+    if result.units_reused:
+        print(f"{result.units_reused} units reused from earlier runs under {out}, not recomputed (--no-reuse "
+              f"recomputes them)")
     if result.units_failed:
         print(f"failed units: moesafe status --out {out} --run-id {result.run_id}; "
               f"run the same command again to retry them")
@@ -315,7 +330,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not out.startswith("s3://"):
         print(f"note: results go to {out} on the cluster's head node, where the job's driver runs; "
               f"pass --out s3://bucket/prefix to query them from here", file=sys.stderr)
-    entrypoint = shlex.join(["moesafe", "run", SUBMITTED_MANIFEST, "--out", out, "--run-id", run_id])
+    missing = [name for name in args.env if not os.environ.get(name)]
+    if missing:
+        raise CliError(f"--env {missing[0]}: that variable is not set here, so there is nothing to pass; "
+                       f"export it first")
+    env_vars = {name: os.environ[name] for name in args.env}
+    entrypoint = shlex.join(["moesafe", "run", SUBMITTED_MANIFEST, "--out", out, "--run-id", run_id,
+                             "--wait-timeout", str(args.wait_timeout)])
     with tempfile.TemporaryDirectory(prefix="moesafe-submit-") as staging:
         _stage_manifest(manifest_path, Path(staging))
         _use_ray_auth_token()
@@ -331,7 +352,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         # The job's working directory holds the manifest and its local datasets; the project's code
         # travels as modules, so the cluster runs this checkout's code.
         runtime_env = {"working_dir": staging, "py_modules": [str(PROJECT_ROOT / name) for name in CODE_PACKAGES],
-                       "excludes": ["__pycache__"]}
+                       "excludes": ["__pycache__"], **({"env_vars": env_vars} if env_vars else {})}
         for wait in (1, 2, 4, 8, 16, 0):  # a just-started head answers "no available agent" for a few seconds
             try:
                 job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)

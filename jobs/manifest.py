@@ -95,6 +95,19 @@ class ModelSpec(_Section):
     device_map: Literal["auto"] | None = None  # "auto": spread the model over the replica's GPUs
     experts_implementation: str | None = None  # transformers' MoE kernel; None = its default
     trust_remote_code: bool = False
+    # "cpu" runs on the CPU even in a replica holding GPUs (debugging; tests on nodes that only claim GPUs)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    revision: str | None = None  # a hub model's branch, tag or commit: part of the model's identity
+
+    @model_validator(mode="after")
+    def _device_fits(self) -> ModelSpec:
+        if self.device == "cpu" and self.device_map == "auto":
+            raise _problem("device_map: auto spreads a model over GPUs, but device is cpu: drop one of them",
+                           at=".device_map", value=self.device_map)
+        if self.revision is not None and (self.path == "sandbox" or self.path.startswith(("s3://", "/", ".", "~"))):
+            raise _problem("a revision pins a hub model; a local or s3:// path is one version already",
+                           at=".revision", value=self.revision)
+        return self
 
     @field_validator("name")
     @classmethod
@@ -683,23 +696,15 @@ def _check_out(root: str) -> None:
 
 def _model_config(model: ModelSpec) -> dict[str, Any]:
     """The model's config as a dict, without loading (or, for s3://, downloading) weights."""
-    from core.models import SANDBOX, ModelLoadError, load_config, resolve_path
+    from core.models import SANDBOX, load_config, resolve_path
 
     if model.path == SANDBOX:
         from core.sandbox import SandboxConfig
 
         return {"model_type": "mixtral", **dataclasses.asdict(SandboxConfig())}
-    if model.path.startswith("s3://"):
-        import s3fs
-
-        config_file = model.path.rstrip("/") + "/config.json"
-        try:
-            return json.loads(s3fs.S3FileSystem().cat_file(config_file))
-        except FileNotFoundError:
-            raise ModelLoadError(f"{config_file} does not exist: point `path` at a saved model's prefix") from None
-        except Exception as error:  # botocore's credential and permission errors share no useful base
-            raise ModelLoadError(f"cannot read {config_file}: {type(error).__name__}: {error}") from None
-    return load_config(resolve_path(model.path), model.trust_remote_code).to_dict()
+    # an s3:// prefix: its config.json only
+    path = model.path if model.path.startswith("s3://") else resolve_path(model.path)
+    return load_config(path, model.trust_remote_code, model.revision).to_dict()
 
 
 def _experts(config: dict[str, Any]) -> tuple[int, int]:

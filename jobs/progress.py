@@ -24,6 +24,7 @@ class RunProgress:
         self.bar = tqdm(total=0, unit="unit", desc=run_id, disable=not enabled, dynamic_ncols=True,
                         bar_format=_OPEN_FORMAT)
         self.stages: dict[str, int] = {}  # "model/method" -> the stage it is in (1-based)
+        self.wait = ""  # what the run waits for (replicas not yet placed), or ""
         self.total_final = False
 
     def planned(self, plan: str, stage: int, units: int) -> None:
@@ -36,6 +37,12 @@ class RunProgress:
         """`plan` has no more stages."""
         self.stages.pop(plan, None)
         self._show_stages()
+
+    def waiting(self, line: str) -> None:
+        """What the run waits for ("waiting for 2 x {GPU: 1}: autoscaler pending, 3 min"), or "" once placed."""
+        if line != self.wait:
+            self.wait = line
+            self._show_stages()
 
     def done(self) -> None:
         """One unit finished: run now, done by an earlier attempt, or failed."""
@@ -55,5 +62,5 @@ class RunProgress:
         self.bar.close()
 
     def _show_stages(self) -> None:
-        shown = ", ".join(f"{plan} stage {stage}" for plan, stage in self.stages.items())
+        shown = ", ".join([f"{plan} stage {stage}" for plan, stage in self.stages.items()] + [self.wait] * bool(self.wait))
         self.bar.set_postfix_str(shown, refresh=True)

@@ -1,9 +1,14 @@
 """The scheduler: manifest -> work units -> model actors -> rows in the store.
 
-One driver loop fills the cluster. Models start (their actors created and loaded) while their
-resources fit, and retire when all their units are done, so a sweep with more models than GPUs
-runs them in turn and keeps every GPU busy while work remains. Each actor gets a short queue of
-units; results stream to the store from the actors; the driver keeps only unit statuses.
+One driver loop fills the cluster. Each model replica is a Ray placement group (one bundle: the
+replica's GPUs and CPUs, on one node) with its actor scheduled into it. Every model asks for its
+replicas at once; Ray grants the groups that fit, and on an autoscaling cluster a pending group is
+what makes the autoscaler add nodes. A model starts as soon as one of its replicas is placed, so a
+model that waits for nodes does not hold back those that fit; models retire (their groups removed)
+when all their units are done, so a sweep with more models than GPUs runs them in turn. Each actor
+gets a short queue of units; results stream to the store from the actors; the driver keeps only
+unit statuses. A replica whose actor is dead for good is replaced (a new group; its units in
+flight re-queued), a bounded number of times.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.method import PlanContext, WorkUnit
 from core.methods import get_method
@@ -29,6 +36,10 @@ from jobs.progress import RunProgress
 UNITS_PER_ACTOR = 2  # in flight per actor: one running, one queued, so the actor never waits on the driver
 MAX_ATTEMPTS = 3  # a unit that raises this many times is recorded as failed
 CONNECT_TIMEOUT_S = 10.0  # to reach a cluster's address: ray.init itself waits on one for minutes
+WAIT_TIMEOUT_S = 30 * 60.0  # for nodes: how long a run waits with nothing placed before giving up
+REPLACEMENTS_PER_REPLICA = 2  # dead-for-good actors replaced per replica, so a unit that kills every actor ends
+WAIT_NOTICE_S = 5.0  # a wait for nodes longer than this is reported
+PREFLIGHT_TIMEOUT_S = 120.0  # a judge's check (one request, or loading a judge model)
 
 
 class RunError(CliError, RuntimeError):
@@ -44,7 +55,9 @@ class RunSummary:
     units_ok: int = 0
     units_failed: int = 0
     units_skipped: int = 0  # done in an earlier attempt of this run
+    units_reused: int = 0  # computed by an earlier run under the same root: rows copied, not recomputed
     seconds: float = 0.0
+    seconds_waiting: float = 0.0  # with nothing placed: waiting for the cluster to grow
 
     @property
     def complete(self) -> bool:
@@ -62,18 +75,39 @@ class _Plan:
 
 
 @dataclass
+class _Replica:
+    group: Any  # its placement group
+    requested: float = field(default_factory=time.monotonic)  # when the group was asked for
+    actor: Any = None  # created once the group is placed
+    ready: Any = None  # the group's ready() reference, asked for once
+
+    def __post_init__(self):
+        self.ready = self.group.ready()
+
+    @property
+    def placed(self) -> bool:
+        done, _ = ray.wait([self.ready], timeout=0)
+        return bool(done)
+
+
+@dataclass
 class _Model:
     entry: Any  # the manifest's model entry
     key: dict[str, Any]
     plans: list[_Plan]
-    need_gpus: float
-    need_cpus: float
-    actors: list = field(default_factory=list)
+    replicas: list[_Replica] = field(default_factory=list)
+    requested: bool = False  # its replicas asked for
+    replacements_left: int = 0
+    lost: str | None = None  # why no replica is left, once none is
     queue: deque = field(default_factory=deque)  # (unit, attempt, plan)
     in_flight: dict = field(default_factory=dict)  # object ref -> (unit, attempt, plan, actor)
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # done in an earlier attempt of this run
+
+    @property
+    def actors(self) -> list:
+        return [r.actor for r in self.replicas if r.actor is not None]
 
     @property
     def done(self) -> bool:
@@ -135,34 +169,69 @@ def _check_token_accepted(address: str, target: str) -> None:
 
 
 class Scheduler:
-    def __init__(self, manifest, store: ResultStore, run_id: str, progress: bool = True):
+    def __init__(self, manifest, store: ResultStore, run_id: str, progress: bool = True,
+                 wait_timeout_s: float = WAIT_TIMEOUT_S, reuse: bool = True):
         self.manifest, self.store, self.run_id = manifest, store, run_id
+        self.wait_timeout_s = wait_timeout_s
         self.done_before = store.done_units(run_id)
+        self.reusable = store.units_done_elsewhere(run_id) if reuse else {}
         self.summary = RunSummary(run_id, store.root)
         self.bar = RunProgress(run_id, progress)
         # records carry the manifest's dataset name, so every table is keyed by what the user named
         self.prompts = {name: [dataclasses.replace(p, dataset=name) for p in spec.load()]
                         for name, spec in manifest.datasets.items()}
-        self.judges = self._start_judges()
+        self.groups: list = []  # every placement group this run asked for: removed when it ends
+        self.waiting_since: float | None = None  # since when nothing of this run is placed
+        self.wait_told = False  # the wait was reported
+        try:
+            self.judges = self._start_judges()
+        except BaseException:
+            self._remove_groups()
+            raise
 
     # -- setup -------------------------------------------------------------------------------
     def _start_judges(self) -> dict[str, Any]:
-        """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier)."""
+        """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier,
+        in its own placement group). Each judge's check() runs first, on the cluster, so a bad key
+        or endpoint stops the run before any generation."""
         from actors.judge_worker import JudgeWorker
 
         judges: dict[str, Any] = {}
+        checks = {}
         for name, spec in self.manifest.judges.items():
             settings = {"name": spec.type, **spec.settings}
-            if spec.type == "classifier":  # a judge model: its own actor, on a GPU when the cluster has one
-                gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-                judges[name] = JudgeWorker.options(num_gpus=gpus).remote(settings)
+            if spec.type == "classifier":  # a judge model: its own replica, counted like a model's
+                bundle = {"CPU": 1.0, "GPU": self._classifier_gpus(settings.get("device", "auto"))}
+                group = self._request_group(bundle)
+                self._wait_placed(f"judge {name!r}", [_Replica(group)])
+                judges[name] = JudgeWorker.options(**self._in_group(bundle, group)).remote(settings)
+                checks[name] = judges[name].check.remote()
             else:
                 judges[name] = settings
+                checks[name] = _check_judge.remote(settings)
+        for name, ref in checks.items():
+            try:
+                ray.get(ref, timeout=PREFLIGHT_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise RunError(f"judge {name!r} did not pass its check within {PREFLIGHT_TIMEOUT_S:.0f} s on the "
+                               "cluster: is its endpoint reachable from the cluster's nodes?") from None
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                raise RunError(f"judge {name!r} ({self.manifest.judges[name].type}) failed its check on the "
+                               f"cluster, before any generation: {cause}") from None
         return judges
 
+    @staticmethod
+    def _classifier_gpus(device: str) -> float:
+        if device == "cpu":
+            return 0.0
+        if device == "auto":  # a GPU when the cluster has one now; "cuda" waits for one
+            return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+        return 1.0
+
     def _model(self, entry) -> _Model | None:
-        shape = describe_model(resolve_model_path(entry.path), entry.trust_remote_code)
-        key = {"name": entry.name, "path": entry.path, "dtype": entry.dtype,
+        shape = describe_model(resolve_model_path(entry.path), entry.trust_remote_code, entry.revision)
+        key = {"name": entry.name, "path": entry.path, "revision": entry.revision, "dtype": entry.dtype,
                "experts_implementation": entry.experts_implementation, "num_layers": shape.num_layers,
                "num_experts": shape.num_experts}
         slug = model_slug(entry.name)
@@ -178,76 +247,166 @@ class Scheduler:
                 rows = self.store.read_table(table, run_id=self.run_id, model=slug).to_pylist()
                 return [r for r in rows if r.get("params") == params_json]
 
-            ctx = PlanContext(key, m.method, params, m.judge_names,
-                              {role: self.prompts[name] for role, name in roles.items()}, roles,
+            prompts = {role: self.prompts[name] for role, name in roles.items()}
+            # Unit ids hash the model key: with the prompts' texts and the judges' settings in it, a
+            # unit id names its whole content, so another run's unit of the same id can be reused.
+            content = _digest({"prompts": {role: [dataclasses.asdict(p) for p in ps] for role, ps in prompts.items()},
+                               "judges": [self.manifest.judges[name].model_dump() for name in m.judge_names]})
+            ctx = PlanContext({**key, "content": content}, m.method, params, m.judge_names, prompts, roles,
                               self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
                               shape.num_layers, read)
             plans.append(_Plan(ctx, get_method(m.method).stages(ctx)))
         if not plans:
             return None
-        return _Model(entry, key, plans, entry.replica_gpus * entry.replicas, entry.replica_cpus * entry.replicas)
+        return _Model(entry, key, plans, replacements_left=REPLACEMENTS_PER_REPLICA * entry.replicas)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> RunSummary:
         start = time.perf_counter()
-        waiting = deque(m for m in map(self._model, self.manifest.models) if m is not None)
-        active: list[_Model] = []
-        while waiting or active:
-            while waiting and self._fits(waiting[0], active):
-                model = waiting.popleft()
-                self._start(model, active)
-                active.append(model)
-            if not active:
-                m = waiting[0]
-                raise RunError(f"model {m.entry.name!r} needs {m.entry.replica_gpus} GPU(s) and "
-                               f"{m.entry.replica_cpus} CPU(s) per replica; the cluster has {ray.cluster_resources()}")
-            for model in active:
-                self._advance(model)
-                self._dispatch(model)
-            if not waiting and all(plan.finished for model in active for plan in model.plans):
-                self.bar.final()
-            self._collect(active)
-            for model in [m for m in active if m.done]:
-                active.remove(model)
-                for actor in model.actors:
-                    ray.kill(actor)
-                self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.skipped} skipped (done "
-                               f"earlier), {model.failed} failed")
-        self.bar.close()
+        try:
+            active = [m for m in map(self._model, self.manifest.models) if m is not None]
+            while active:
+                self._place(active)
+                for model in active:
+                    self._advance(model)
+                    self._dispatch(model)
+                if all(plan.finished for model in active for plan in model.plans):
+                    self.bar.final()
+                self._collect(active)
+                for model in [m for m in active if m.done]:
+                    active.remove(model)
+                    self._retire(model)
+                    self.bar.write(f"model {model.entry.name}: {model.ok} units ok, {model.skipped} skipped "
+                                   f"(done earlier), {model.failed} failed")
+        finally:
+            self._remove_groups()
+            self.bar.close()
         self.summary.seconds = time.perf_counter() - start
         return self.summary
 
+    # -- replicas: placement groups and their actors -------------------------------------------
+    def _remove_groups(self) -> None:
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
+
     @staticmethod
-    def _free(active: list[_Model]) -> tuple[float, float]:
-        """(GPUs, CPUs) of the cluster not held by the running models' actors."""
-        total = ray.cluster_resources()
-        return (total.get("GPU", 0) - sum(m.need_gpus for m in active),
-                total.get("CPU", 0) - sum(m.need_cpus for m in active))
+    def _bundle(entry) -> dict[str, float]:
+        """The resources of one actor of a replica: the whole replica, or one of its `shards`."""
+        bundle = {"CPU": float(entry.num_cpus)}
+        if entry.num_gpus:
+            bundle["GPU"] = float(entry.num_gpus)
+        return bundle
 
-    def _fits(self, model: _Model, active: list[_Model]) -> bool:
-        """At least one replica fits beside the running models."""
-        gpus, cpus = self._free(active)
-        return model.entry.replica_gpus <= gpus + 1e-9 and model.entry.replica_cpus <= cpus + 1e-9
+    def _model_worker(self, worker_class, entry, group):
+        """A replica's ModelWorker in its placed group. A sharded replica's resources are its
+        shard actors' (one bundle each); its ModelWorker only drives them and holds none."""
+        args = (entry.model_dump(), self.judges, self.store.root, self.run_id, self.manifest.store_answers)
+        if entry.shards > 1:
+            return worker_class.options(num_cpus=0, num_gpus=0).remote(*args, placement_group=group)
+        return worker_class.options(**self._in_group(self._bundle(entry), group)).remote(*args)
 
-    def _start(self, model: _Model, active: list[_Model]) -> None:
-        """Create as many of the model's replicas as fit now (at least one)."""
+    @staticmethod
+    def _in_group(bundle: dict[str, float], group) -> dict[str, Any]:
+        """Actor options that take the whole of the group's one bundle."""
+        return {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)}
+
+    def _request_group(self, bundle: dict[str, float], count: int = 1):
+        """A placement group of `count` such bundles. One bundle (a whole replica, or a judge): STRICT_PACK,
+        its GPUs and CPUs on one node. A sharded replica's bundle per shard: PACK, on as few nodes as
+        hold it, across nodes when one node cannot."""
+        group = placement_group([{k: v for k, v in bundle.items() if v}] * count,
+                                strategy="STRICT_PACK" if count == 1 else "PACK")
+        self.groups.append(group)
+        return group
+
+    def _add_replica(self, model: _Model) -> None:
+        model.replicas.append(_Replica(self._request_group(self._bundle(model.entry), model.entry.shards)))
+
+    def _place(self, active: list[_Model]) -> None:
+        """Start the actors of replicas whose groups Ray has placed; report, and bound, the wait
+        while no replica of any model is placed (only the cluster growing can help then)."""
         from actors.model_worker import ModelWorker
 
-        gpus, cpus = self._free(active)
-        entry = model.entry
-        fit = entry.replicas
-        if entry.replica_gpus:
-            fit = min(fit, int(gpus // entry.replica_gpus + 1e-9))
-        if entry.replica_cpus:
-            fit = min(fit, int(cpus // entry.replica_cpus + 1e-9))
-        fit = max(1, fit)
-        model.need_gpus, model.need_cpus = fit * entry.replica_gpus, fit * entry.replica_cpus
-        # a sharded replica's resources are its shard actors'; its ModelWorker only drives them
-        own_gpus, own_cpus = (0, 0) if entry.shards > 1 else (entry.num_gpus, entry.num_cpus)
-        model.actors = [ModelWorker.options(num_gpus=own_gpus, num_cpus=own_cpus)
-                        .remote(entry.model_dump(), self.judges, self.store.root, self.run_id,
-                                self.manifest.store_answers)
-                        for _ in range(fit)]
+        for model in active:
+            if model.queue and not model.requested:  # asked for once it has work: reused units need none
+                model.requested = True
+                for _ in range(model.entry.replicas):
+                    self._add_replica(model)
+            for replica in model.replicas:
+                if replica.actor is None and replica.placed:
+                    replica.actor = self._model_worker(ModelWorker, model.entry, replica.group)
+        running = any(m.actors for m in active)
+        if running:
+            self._end_wait()
+        waiting = [(m, r) for m in active for r in m.replicas if r.actor is None]
+        self.bar.waiting(_waiting_line([r for _, r in waiting], running) if waiting else "")
+        if waiting and not running:
+            self._check_wait(f"model {waiting[0][0].entry.name!r}", [r for _, r in waiting])
+
+    def _wait_placed(self, what: str, replicas: list[_Replica]) -> None:
+        """Block until one of `replicas` is placed (the judges, which the models need first)."""
+        while not any(r.placed for r in replicas):
+            self._check_wait(what, replicas)
+            time.sleep(1.0)
+        self._end_wait()
+
+    def _end_wait(self) -> None:
+        if self.waiting_since is not None:
+            waited = time.monotonic() - self.waiting_since
+            self.summary.seconds_waiting += waited
+            self.waiting_since = None
+            if self.wait_told:
+                self.bar.write(f"placed after waiting {waited:.0f} s for the cluster")
+
+    def _check_wait(self, what: str, replicas: list[_Replica]) -> None:
+        """Nothing of this run is placed: only the cluster growing can help. Give up after the
+        wait timeout, counted from when nothing was placed (not from the request: a model that
+        waits behind a running one is not stuck)."""
+        if self.waiting_since is None:
+            self.waiting_since, self.wait_told = time.monotonic(), False
+        waited = time.monotonic() - self.waiting_since
+        if waited > WAIT_NOTICE_S and not self.wait_told:  # not for the moment a placement takes
+            self.wait_told = True
+            self.bar.write(f"{what}: {_waiting_line(replicas)}")
+        if waited > self.wait_timeout_s:
+            bundle = placement_group_table(replicas[0].group)["bundles"][0]
+            has = _resources(ray.cluster_resources()) or "no CPU or GPU"
+            raise RunError(
+                f"{what}: waited {waited / 60:.1f} min for {len(replicas)} x {_resources(bundle)} and the cluster "
+                f"has not placed one (its nodes have {has} in all). No node type offers "
+                "that much on one node, the autoscaler is at max_workers, or the cloud has no capacity now. "
+                "Give the cluster such a node type, lower num_gpus/num_cpus, or wait longer (--wait-timeout)")
+
+    def _retire(self, model: _Model) -> None:
+        for replica in model.replicas:
+            if replica.actor is not None:
+                ray.kill(replica.actor)
+            remove_placement_group(replica.group)
+            self.groups.remove(replica.group)
+        model.replicas = []
+
+    def _replace(self, model: _Model, dead) -> None:
+        """The actor `dead` is dead for good: re-queue its units in flight (the death is not theirs
+        to count), drop its group, and ask for a new replica while replacements are left."""
+        lost = [ref for ref, (_, _, _, actor) in model.in_flight.items() if actor is dead]
+        for ref in lost:
+            unit, attempt, plan, _ = model.in_flight.pop(ref)
+            model.queue.appendleft((unit, attempt, plan))
+        [replica] = [r for r in model.replicas if r.actor is dead]
+        ray.kill(dead)
+        remove_placement_group(replica.group)
+        self.groups.remove(replica.group)
+        model.replicas.remove(replica)
+        if model.replacements_left:
+            model.replacements_left -= 1
+            self._add_replica(model)
+            self.bar.write(f"model {model.entry.name}: a replica's actor died for good; {len(lost)} unit(s) "
+                           f"re-queued, a new replica asked for")
+        elif not model.replicas:
+            model.lost = (f"every replica of model {model.entry.name!r} died, and its "
+                          f"{REPLACEMENTS_PER_REPLICA * model.entry.replicas} replacements are used up")
 
     def _advance(self, model: _Model) -> None:
         """Move every plan whose stage is complete to its next stage (reading the store). A stage
@@ -277,11 +436,23 @@ class Scheduler:
                         self.summary.units_skipped += 1
                         model.skipped += 1
                         self.bar.done()
+                    elif self._reused(unit):
+                        self.bar.done()
                     elif unit.on_driver:
                         self._run_on_driver(model, plan, unit)
                     else:
                         plan.pending.add(unit.unit_id)
                         model.queue.append((unit, 1, plan))
+
+    def _reused(self, unit: WorkUnit) -> bool:
+        """Commit `unit` by copying its rows if another run under this root computed it (its id
+        hashes all its content, see _model); False if none did."""
+        source = self.reusable.get((model_slug(unit.model), unit.unit_id))
+        if source is None:
+            return False
+        self.store.reuse_unit(source, self.run_id, unit.model, unit.unit_id)
+        self.summary.units_reused += 1
+        return True
 
     def _run_on_driver(self, model: _Model, plan: _Plan, unit: WorkUnit) -> None:
         start = time.perf_counter()
@@ -298,6 +469,9 @@ class Scheduler:
         self._record_failure(model, plan, unit, MAX_ATTEMPTS, time.perf_counter() - start, error)
 
     def _dispatch(self, model: _Model) -> None:
+        while model.lost and model.queue:  # no replica left to run them (see _replace)
+            unit, attempt, plan = model.queue.popleft()
+            self._record_failure(model, plan, unit, attempt, 0.0, model.lost)
         for actor in model.actors:
             busy = sum(1 for _, _, _, a in model.in_flight.values() if a is actor)
             while busy < UNITS_PER_ACTOR and model.queue:
@@ -307,15 +481,20 @@ class Scheduler:
 
     def _collect(self, active: list[_Model]) -> None:
         refs = {ref: model for model in active for ref in model.in_flight}
-        if not refs:
+        if not refs:  # waiting for replicas to be placed
+            time.sleep(0.2)
             return
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
         for ref in ready:
             model = refs[ref]
-            unit, attempt, plan, _ = model.in_flight.pop(ref)
+            unit, attempt, plan, actor = model.in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayError as e:  # the actor died beyond its restarts
+            except ray.exceptions.ActorDiedError:  # beyond its restarts: every later call would fail at once
+                model.in_flight[ref] = (unit, attempt, plan, actor)
+                self._replace(model, actor)
+                continue
+            except ray.exceptions.RayError as e:
                 result = {"status": "failed", "seconds": 0.0, "error": f"{type(e).__name__}: {e}"[:2000]}
             if result["status"] == "ok":
                 self._finished(model, plan, unit, ok=True)
@@ -343,9 +522,45 @@ class Scheduler:
         self.bar.done()
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _check_judge(settings: dict[str, Any]) -> None:
+    """A judge's preflight, in a task on the cluster: its environment (keys) is the workers'."""
+    from core.judges import make_judge
+
+    make_judge(**settings).check()
+
+
+def _resources(resources: dict[str, float]) -> str:
+    """{GPU: 1, CPU: 4}: the resources a user sets, not Ray's internal ones."""
+    shown = {k: (int(v) if float(v).is_integer() else v) for k, v in resources.items()
+             if k in ("GPU", "CPU") or not (k.startswith("node:") or k.endswith("memory") or "_group_" in k)}
+    if not shown:
+        return ""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(shown.items(), key=lambda kv: kv[0] != "GPU")) + "}"
+
+
+def _waiting_line(replicas: list[_Replica], behind_running: bool = False) -> str:
+    """"waiting for 2 x {GPU: 1, CPU: 1}: autoscaler pending, 3 min" (the progress line)."""
+    table = placement_group_table(replicas[0].group)
+    pending = "behind the running models" if behind_running else "autoscaler pending"
+    state = {"PENDING": pending, "RESCHEDULING": "a node was lost, rescheduling"}.get(
+        table.get("state"), str(table.get("state", "")).lower())
+    minutes = (time.monotonic() - min(r.requested for r in replicas)) / 60
+    return f"waiting for {len(replicas)} x {_resources(table['bundles'][0])}: {state}, {minutes:.0f} min"
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None, address: str | None = None,
-                 force_new_run: bool = False, progress: bool = True) -> RunSummary:
-    """Run `manifest` to completion (or resume it: units already in `units` are skipped)."""
+                 force_new_run: bool = False, progress: bool = True, wait_timeout_s: float = WAIT_TIMEOUT_S,
+                 reuse: bool = True) -> RunSummary:
+    """Run `manifest` to completion (or resume it: units already in `units` are skipped; units
+    that another run under the same root computed are reused unless `reuse` is False)."""
     from jobs.manifest import manifest_hash
 
     root = out or manifest.out
@@ -363,9 +578,11 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
     lease = store.acquire_run(run_id)  # before Ray: a second driver of this run is refused at once
     with lease.kept_alive():
         connect_ray(address)
+        # judges are checked as the scheduler starts: a run they refuse writes nothing
+        scheduler = Scheduler(manifest, store, run_id, progress, wait_timeout_s, reuse)
         # the run id actually used (--run-id, --force-new-run), not the one the file named
         store.write_run(run_id, manifest.model_copy(update={"run_id": run_id}).to_yaml(), manifest_hash=digest)
-        summary = Scheduler(manifest, store, run_id, progress).run()
+        summary = scheduler.run()
         if lease.lost:
             raise RunError(str(lease.lost))
         store.finish_run(run_id, "finished" if summary.complete else "incomplete")

@@ -175,6 +175,39 @@ def test_worker_node_removed_mid_run_moves_its_units(cluster, undisturbed, tmp_p
     assert retried_tasks(cluster, actor.actor_id)
 
 
+def test_replica_dead_for_good_is_replaced_and_its_units_finish_on_the_living(cluster, undisturbed, tmp_path):
+    """One of two replicas killed past its restarts (max_restarts=3: four kills): its units in
+    flight are re-queued, not failed, and run on the other replica or the replacement."""
+    path = tmp_path / f"{RUN}.yaml"
+    path.write_text(MANIFEST.format(run_id=RUN, models=SANDBOX_MODEL.replace("}", ", replicas: 2}"),
+                                    store_answers="full"))
+    out = str(tmp_path / "out")
+    actors_before = len(model_workers(cluster))
+    run = RunInThread(load_manifest(path), out)
+    wait_until(lambda: len(model_workers(cluster, state="ALIVE")) == 2 and committed(out) >= 3,
+               "both replicas run and 3 units are committed")
+    victim = model_workers(cluster, state="ALIVE")[0].actor_id
+    killed: list[int] = []
+
+    def restarted() -> bool:  # alive in a process not killed yet
+        [actor] = model_workers(cluster, actor_id=victim)
+        if actor.state == "ALIVE" and actor.pid not in killed:
+            killed.append(actor.pid)
+            return True
+        return False
+
+    for kill in range(4):
+        wait_until(restarted, f"the victim is up again after {kill} kills")
+        os.kill(killed[-1], signal.SIGKILL)
+    summary = run.result()
+
+    assert summary.complete and summary.units_ok == summary.units_total == len(undisturbed["units"])
+    assert snapshot(out) == undisturbed, "nothing lost, nothing twice, not one attempt more"
+    [dead] = model_workers(cluster, actor_id=victim)
+    assert dead.state == "DEAD" and dead.num_restarts == 3
+    assert len(model_workers(cluster)) - actors_before >= 3, "a replacement was started in a new placement group"
+
+
 def test_driver_killed_mid_run_then_the_same_command_finishes_only_the_rest(cluster, undisturbed, tmp_path):
     out = str(tmp_path / "out")
     command = [str(Path(sys.executable).parent / "moesafe"), "run", str(write_manifest(tmp_path)), "--out", out,

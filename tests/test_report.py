@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone

@@ -72,13 +72,15 @@ SAMPLE_ROWS: dict[str, list[dict]] = {
              scope="prompt", params={"max_new_tokens": 512}),
         dict(prompt_id="adv-2", dataset="advbench", method="baseline", condition="baseline", prompt="Tell me",
              answer=None, answer_sha256=hashlib.sha256(b"I cannot").hexdigest(), store_answers="hash",
-             verdicts=[{"judge": "strongreject", "jailbroken": None, "score": None, "reason": "timeout",
+             verdicts=[{"judge": "rubric", "jailbroken": None, "score": None, "reason": "timeout",
                         "settings": {"model": "judge-7b"}}],
              scope=None, params={"max_new_tokens": 512}),
     ],
     "metrics": [
-        dict(dataset="advbench", method="fsour", metric="asr", value=0.9, n=50),
-        dict(dataset=None, method="fsour", metric="forwards_mean", value=1234.5, n=50),
+        dict(dataset="advbench", method="fsour", judge="refusal", params_hash="0123abcd", metric="asr",
+             value=0.9, n=50),
+        dict(dataset=None, method="fsour", judge="refusal", params_hash="0123abcd", metric="forwards_mean",
+             value=1234.5, n=50),
     ],
 }
 
@@ -123,7 +125,8 @@ def test_every_table_has_an_explicit_versioned_schema():
         if name in RESULT_TABLES:
             assert ts.schema.names[:3] == ["run_id", "model", "unit_id"]
     assert TABLES["metrics"].schema.names == [
-        "run_id", "model", "unit_id", "dataset", "method", "metric", "value", "n", "schema_version"]
+        "run_id", "model", "unit_id", "dataset", "method", "judge", "params_hash", "metric", "value", "n",
+        "schema_version"]
     assert TABLES["metrics"].schema.field("value").type == pa.float64()
     assert TABLES["metrics"].schema.field("n").type == pa.int64()
     for name in RESULT_TABLES:
@@ -155,11 +158,13 @@ def test_build_table_errors_name_table_column_and_row():
 
 
 def test_build_table_accepts_arrow_tables_and_fills_shared_columns():
-    arrow = pa.table({"dataset": ["d"], "method": ["m"], "metric": ["asr"], "value": [1], "n": [3]})
+    arrow = pa.table({"dataset": ["d"], "method": ["m"], "judge": ["refusal"], "params_hash": ["0123abcd"],
+                      "metric": ["asr"], "value": [1], "n": [3]})
     table = build_table("metrics", arrow, run_id=RUN, model=SLUG, unit_id="u")
     assert table.schema == TABLES["metrics"].schema
-    assert table.to_pylist() == [dict(run_id=RUN, model=SLUG, unit_id="u", dataset="d", method="m",
-                                      metric="asr", value=1.0, n=3, schema_version=1)]
+    assert table.to_pylist() == [dict(run_id=RUN, model=SLUG, unit_id="u", dataset="d", method="m", judge="refusal",
+                                      params_hash="0123abcd", metric="asr", value=1.0, n=3,
+                                      schema_version=TABLES["metrics"].version)]
 
 
 def test_model_slug_is_path_safe_and_stable():
@@ -295,18 +300,18 @@ def test_rewriting_a_unit_replaces_its_rows(store, root):
 
 
 def test_schema_evolution_reads_old_and_new_files_together(store, root, monkeypatch):
-    v1 = TABLES["metrics"]
+    v1 = TABLES["metrics"]  # the current version; the test adds the next one
     store.write_unit(RUN, MODEL, "old", {"metrics": [SAMPLE_ROWS["metrics"][0]]}, ok_unit())
-    # Version 2 adds a nullable column, the only kind of change schemas allow.
-    v2 = TableSchema("metrics", 2, v1.schema.insert(len(v1.schema) - 1, pa.field("stderr", pa.float64())),
-                     v1.description)
+    # The next version adds a nullable column, the only kind of change schemas allow.
+    v2 = TableSchema("metrics", v1.version + 1,
+                     v1.schema.insert(len(v1.schema) - 1, pa.field("stderr", pa.float64())), v1.description)
     monkeypatch.setitem(TABLES, "metrics", v2)
     store.write_unit(RUN, MODEL, "new", {"metrics": [dict(SAMPLE_ROWS["metrics"][0], stderr=0.05)]}, ok_unit())
 
     sql = "SELECT unit_id, stderr, schema_version FROM metrics ORDER BY unit_id"
     assert json.loads(run_query(sql, root, "json")) == [
-        {"unit_id": "new", "stderr": 0.05, "schema_version": 2},
-        {"unit_id": "old", "stderr": None, "schema_version": 1}]
+        {"unit_id": "new", "stderr": 0.05, "schema_version": v1.version + 1},
+        {"unit_id": "old", "stderr": None, "schema_version": v1.version}]
     by_unit = {r["unit_id"]: r for r in store.read_table("metrics").to_pylist()}
     assert by_unit["old"]["stderr"] is None and by_unit["new"]["stderr"] == 0.05
     old_file = os.path.join(root, "metrics", f"model={SLUG}", f"run={RUN}", "old.parquet")

@@ -85,9 +85,10 @@ def test_submit_ships_a_manifest_from_anywhere_and_finds_the_token_where_ray_kee
     user_env["HOME"] = str(home)
 
     out = str(tmp_path / "out")
+    user_env["MOESAFE_TEST_JUDGE_KEY"] = "value-of-the-test-key"  # what `--env` passes to the job
     submitted = subprocess.run([MOESAFE, "submit", "mine.yaml", "--address", address, "--out", out,
-                                "--run-id", "smoke"], cwd=elsewhere, env=user_env, capture_output=True, text=True,
-                               timeout=180)
+                                "--run-id", "smoke", "--env", "MOESAFE_TEST_JUDGE_KEY"], cwd=elsewhere, env=user_env,
+                               capture_output=True, text=True, timeout=180)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     assert "Token authentication" not in submitted.stderr  # Ray's warning is not news to the user
     job_id = submitted.stdout.split()[0]
@@ -102,3 +103,9 @@ def test_submit_ships_a_manifest_from_anywhere_and_finds_the_token_where_ray_kee
     assert {m["method"] for m in metrics} == {"fsour", "rosais", "safex", "steermoe"}
     # the shipped copy of harmful.csv was read (a file's stem names its dataset)
     assert {m["dataset"] for m in metrics if m["method"] == "fsour"} == {"harmful"}
+    # The job's processes got the variable, and so does anyone who can read the job API (the README says so).
+    shown = subprocess.run([sys.executable, "-c", "import json, sys; from ray.job_submission import "
+                            "JobSubmissionClient; print(json.dumps(JobSubmissionClient(sys.argv[1])"
+                            ".get_job_info(sys.argv[2]).runtime_env))",
+                            address, job_id], env=head_env, capture_output=True, text=True, timeout=60)
+    assert json.loads(shown.stdout)["env_vars"] == {"MOESAFE_TEST_JUDGE_KEY": "value-of-the-test-key"}, shown.stderr
