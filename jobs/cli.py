@@ -292,8 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun {result.run_id}: {_outcome(result)}")
     out = shlex.quote(str(result.out))
     if result.units_reused:
-        print(f"{result.units_reused} units reused from earlier runs under {out}, not recomputed (--no-reuse "
-              f"recomputes them)")
+        print(f"reused units come from earlier runs under {out}, not recomputed (--no-reuse recomputes them)")
     if result.units_failed:
         print(f"failed units: moesafe status --out {out} --run-id {result.run_id}; "
               f"run the same command again to retry them")
@@ -302,11 +301,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _outcome(result) -> str:
-    """What the run did, counting every unit once: run ok now, done by an earlier attempt, failed."""
+    """What the run did, counting every unit once: run ok now, done by an earlier attempt of this run,
+    reused from another run under the same root, failed."""
     if result.units_total and result.units_skipped == result.units_total:
         return f"already complete: all {result.units_total} units were done earlier, nothing ran"
     state = "complete" if not result.units_failed else "INCOMPLETE"
-    return (f"{state}, {result.units_ok} units ok, {result.units_skipped} skipped (done earlier), "
+    reused = f"{result.units_reused} reused, " if result.units_reused else ""
+    return (f"{state}, {result.units_ok} units ok, {result.units_skipped} skipped (done earlier), {reused}"
             f"{result.units_failed} failed, of {result.units_total}")
 
 

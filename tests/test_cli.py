@@ -178,10 +178,10 @@ def test_a_result_root_without_runs_is_an_error_not_an_empty_answer(capsys, tmp_
 def test_run_prints_metrics_and_exits_by_completeness(capsys, store_root, monkeypatch, failed):
     calls = []
 
-    def run_manifest(manifest, *, out, run_id, address, force_new_run):
+    def run_manifest(manifest, *, out, run_id, address, force_new_run, **options):
         calls.append((manifest.run_id, out, run_id, address, force_new_run))
         return types.SimpleNamespace(run_id=RUN, out=out, units_total=3, units_ok=3 - failed, units_failed=failed,
-                                     units_skipped=0)
+                                     units_skipped=0, units_reused=0)
 
     # jobs.runner is the lead's; the CLI only needs its run_manifest
     monkeypatch.setitem(sys.modules, "jobs.runner", types.SimpleNamespace(run_manifest=run_manifest))
@@ -229,7 +229,8 @@ def test_submit_names_a_dataset_file_it_cannot_ship(capsys, tmp_path, monkeypatc
     manifest["datasets"]["harmful"] = {"source": "prompts/missing.csv"}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
     monkeypatch.chdir(tmp_path)
-    code, out, err = moesafe(capsys, "submit", "m.yaml", "--address", "http://127.0.0.1:9")
+    code, out, err = moesafe(capsys, "submit", "m.yaml", "--address", "http://127.0.0.1:9",
+                             "--out", "s3://bucket/results")
     assert (code, out) == (EXIT_BAD_INPUT, "")
     assert (f"moesafe submit: error: datasets.harmful.source: 'prompts/missing.csv' is not a file here (paths are "
             f"read from the current directory, {tmp_path})") in err

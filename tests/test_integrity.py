@@ -151,6 +151,7 @@ def query_root(tmp_path) -> dict[str, str]:
 
     root = tmp_path / "results"
     store = ResultStore(str(root))
+    store.write_run(RUN, "models: []\n")  # `moesafe query` refuses a root that no run wrote
     store.write_unit(RUN, "sandbox", "fsour-0000", {"metrics": [
         dict(dataset="d", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr", value=1.0, n=8)]},
         {"method": "fsour", "kind": "fsour_metrics", "status": "ok", "attempts": 1, "seconds": 1.0, "error": None})
