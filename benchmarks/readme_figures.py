@@ -126,6 +126,7 @@ def figures_block(root: str, run: dict) -> str:
     safex_groups = sorted({k[1].split(":", 1)[1] for k in by_judge if k[0] == "safex"})
     rows = [
         ("F-SOUR", "ASR unattacked → attacked", figure(("fsour", "asr_baseline"), ("fsour", "asr"))),
+        ("F-SOUR", "searched prompts whose reported route reached the threshold", figure(("fsour", "converged"))),
         ("RoSais", "ASR(L), L = " + ", ".join(k[1].removeprefix("asr_at_L") for k in rosais_L),
          figure(*rosais_L, joint=", ")),
         ("RoSais", "layers by mean score (highest first)",

@@ -29,7 +29,7 @@ from core.fsour import FsourParams, fsour_precheck, fsour_restart, select_restar
 from core.judges import RefusalJudge, SandboxJudge
 from core.models import load_model
 from core.rosais import RosaisParams, rank_layers, rosais_attack, rosais_scores
-from core.safex import (SafexParams, bootstrap_selection, expert_sets, random_control, safex_counts,
+from core.safex import (SafexParams, bootstrap_selection, expert_sets, random_controls, safex_counts,
                         safex_validation, stack_counts)
 from core.sandbox import build_sandbox
 
@@ -100,14 +100,14 @@ def safex_effect(lm, regular, jailbreak, judge: JudgePanel, params: SafexParams,
         return (share(row["refused"] for row in rows),
                 1.0 - share(refusal_judge_says(gen) for gen in gens))
 
-    controls = [random_control(hrcg, lm.control.num_experts, seed=params.seed + d) for d in range(draws)]
+    controls = random_controls(hrcg, lm.control.num_experts, params.seed, draws)
     before, after = refusal({}, "before"), refusal(hrcg, "after")
-    random_after = [refusal(control, "random") for control in controls]
+    random_after = [refusal(control, condition) for condition, control in controls.items()]
     return {"expert_sets": {name: {str(l): e for l, e in members.items()} for name, members in sets.items()},
             "refusal_before": before[0], "refusal_after": after[0],
             "refusal_after_random": fmean(r[0] for r in random_after),
             "refusal_after_random_draws": [r[0] for r in random_after],
-            "random_controls": [{str(l): e for l, e in c.items()} for c in controls],
+            "random_controls": [{str(l): e for l, e in c.items()} for c in controls.values()],
             "refusal_judge": {"before": before[1], "after": after[1],
                               "after_random": fmean(r[1] for r in random_after)},
             "jailbreak_refusal_before": refusal({}, "before", "jailbreak", jailbreak)[0],

@@ -13,8 +13,9 @@ Three steps, each a function the runtime can run as its own unit:
    E_top (selected in >= pi * S rounds), HCDG = E_top(Regular) & E_top(Jailbreak) and
    HRCG = E_top(Regular) minus E_top(Jailbreak).
 3. `safex_validation`: greedy answers with given experts disabled (-inf, top-k refills), judged;
-   conditions "before" (nothing disabled), "after" (HRCG) and "random" (`random_control`: as many
-   random experts in the same layers).
+   conditions "before" (nothing disabled), "after" (HRCG) and "random_0" .. "random_<D-1>"
+   (`random_controls`: D independent draws of as many random experts in the same layers; one
+   draw could land on safety experts or on none by chance, so the control is the mean over draws).
 
 Layers are MoE layer ordinals 0..L-1 (what `Route` takes); `safex_counts` rows carry the model
 layer index of each ordinal in `moe_layers`.
@@ -36,7 +37,7 @@ from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope
 
 PHASES: tuple[str, ...] = ("decode", "prefill", "both")
-CONDITIONS: tuple[str, ...] = ("before", "after", "random")
+CONDITIONS: tuple[str, ...] = ("before", "after")  # plus random_<draw>, see random_condition
 EXPERT_SETS: tuple[str, ...] = ("E_top_regular", "E_top_jailbreak", "HCDG", "HRCG")
 
 
@@ -62,6 +63,8 @@ class SafexParams:
         "help": "prompts per generation batch; lower it only to fit memory"})
     scope: Scope = dataclasses.field(default="all", metadata={
         "help": "where disabled experts are blocked: all tokens, or prompt tokens only"})
+    random_draws: int = dataclasses.field(default=5, metadata={
+        "help": "draws of the random control (as many random experts per layer as HRCG); its refusal is their mean"})
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -70,8 +73,9 @@ class SafexParams:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if not 0 < self.alpha <= 1 or not 0 < self.pi <= 1:
             raise ValueError(f"alpha and pi must be in (0, 1], got alpha={self.alpha}, pi={self.pi}")
-        if self.rounds < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.seed < 0:
-            raise ValueError("rounds, max_new_tokens and batch_size must be positive and seed >= 0")
+        if (self.rounds < 1 or self.max_new_tokens < 1 or self.batch_size < 1 or self.random_draws < 1
+                or self.seed < 0):
+            raise ValueError("rounds, max_new_tokens, batch_size and random_draws must be positive and seed >= 0")
 
     def to_json(self) -> str:
         """The `params` column: every setting, keys sorted."""
@@ -287,12 +291,29 @@ def random_control(disabled: Mapping[int, Sequence[int]], num_experts: int, seed
     return control
 
 
+def random_condition(draw: int) -> str:
+    """The validation condition of random-control draw `draw`."""
+    return f"random_{draw}"
+
+
+def random_controls(disabled: Mapping[int, Sequence[int]], num_experts: int, seed: int,
+                    draws: int) -> dict[str, dict[int, list[int]]]:
+    """Condition -> the experts of one random-control draw; draw d uses seed + d."""
+    return {random_condition(d): random_control(disabled, num_experts, seed + d) for d in range(draws)}
+
+
+def _random_draw(condition: str) -> int | None:
+    """The draw of a random-control condition, None for any other condition."""
+    prefix, _, draw = condition.partition("_")
+    return int(draw) if prefix == "random" and draw.isdigit() else None
+
+
 def safex_validation(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,
                      disabled: Mapping[int, Sequence[int]], condition: str, judge: Judge,
                      params: SafexParams = SafexParams()) -> tuple[list[dict], list[dict]]:
     """Refusal per prompt with `disabled` experts blocked: (safex_validation rows, generations rows)."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    if condition not in CONDITIONS and _random_draw(condition) is None:
+        raise ValueError(f"condition must be one of {CONDITIONS} or random_<draw>, got {condition!r}")
     n_disabled = sum(len(experts) for experts in disabled.values())
     route = Route.disable(disabled, lm.control.num_experts, scope=params.scope) if n_disabled else None
     answers, verdicts = judged_answers(lm, prompts, route, judge, params.max_new_tokens, params.batch_size)
@@ -309,7 +330,7 @@ def safex_validation(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,
 
 GROUPS: tuple[str, ...] = ("regular", "jailbreak", "benign")  # benign is optional: counted, never validated
 VALIDATED: tuple[str, ...] = ("regular", "jailbreak")
-METRIC_NAMES: dict[str, str] = {"before": "refusal_before", "after": "refusal_after", "random": "refusal_after_random"}
+METRIC_NAMES: dict[str, str] = {"before": "refusal_before", "after": "refusal_after"}
 
 
 def plan_safex(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
@@ -327,7 +348,8 @@ def plan_safex(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
         if r["expert_set"] == "HRCG" and r["expert"] is not None:  # null: HRCG is empty
             hrcg.setdefault(r["layer"], []).append(r["expert"])
     hrcg = {layer: sorted(experts) for layer, experts in sorted(hrcg.items())}
-    conditions = {"before": {}, "after": hrcg, "random": random_control(hrcg, num_experts, ctx.params.seed)}
+    conditions = {"before": {}, "after": hrcg,
+                  **random_controls(hrcg, num_experts, ctx.params.seed, ctx.params.random_draws)}
     yield [u for g in VALIDATED for condition, disabled in conditions.items()
            for u in ctx.prompt_units("safex_validation", ctx.prompts[g], group=g, condition=condition,
                                      disabled={str(l): e for l, e in disabled.items()})]
@@ -375,16 +397,29 @@ def _sets_unit(unit: WorkUnit, read: Read, params: SafexParams) -> Rows:
 
 
 def safex_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[dict]:
-    """Refusal rate of each validated group per condition (before, after HRCG disabled, after as many
-    random experts disabled), over the answers `judge` decided."""
+    """Refusal rate of each validated group per condition, over the answers `judge` decided:
+    refusal_before, refusal_after (HRCG disabled), refusal_after_random_<d> (draw d's random experts
+    disabled) and refusal_after_random = the mean of the draws' rates (n: their answers together)."""
     refused: dict[tuple[str, str], list[bool]] = {}
     verdicts = verdicts_of(read, "safex", judge)
     for group in VALIDATED:
         for (dataset, condition, _), verdict in verdicts.items():
-            if dataset == datasets[group] and condition in METRIC_NAMES and verdict["jailbroken"] is not None:
+            if (dataset == datasets[group] and (condition in METRIC_NAMES or _random_draw(condition) is not None)
+                    and verdict["jailbroken"] is not None):
                 refused.setdefault((group, condition), []).append(not verdict["jailbroken"])
-    return [rate(datasets[group], METRIC_NAMES[condition], values)
-            for (group, condition), values in sorted(refused.items())]
+    rows = []
+    for group in VALIDATED:
+        dataset = datasets[group]
+        rows += [rate(dataset, METRIC_NAMES[c], refused[(group, c)]) for c in CONDITIONS if (group, c) in refused]
+        draws = sorted((_random_draw(c), values) for (g, c), values in refused.items()
+                       if g == group and _random_draw(c) is not None)
+        per_draw = [rate(dataset, f"refusal_after_{random_condition(d)}", values) for d, values in draws]
+        if per_draw:
+            rows.append({"dataset": dataset, "metric": "refusal_after_random",
+                         "value": sum(r["value"] for r in per_draw) / len(per_draw),
+                         "n": sum(r["n"] for r in per_draw)})
+        rows += per_draw
+    return rows
 
 
 METHOD = Method(

@@ -166,7 +166,7 @@ _ALL = [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("group", pa.string()),
-        _col("condition", pa.string()),           # before / after / random
+        _col("condition", pa.string()),           # before / after / random_<draw> (one per random control)
         _col("refused", pa.bool_(), nullable=True),
         _col("judge", pa.string()),
         _col("n_disabled", pa.int32()),
