@@ -71,13 +71,14 @@ def test_run_to_s3_resume_and_query(bucket, tmp_path, capsys):
     assert s3_snapshot(bucket, prefix, tmp_path / "after") == before, "resumed: the same rows, none twice"
     capsys.readouterr()  # the runs' progress lines
 
-    code = main(["query", f"select method, metric, value, n from metrics where run_id = '{RUN}' "
-                          "order by method, metric", "--out", root, "--format", "json"])
+    code = main(["query", f"select method, metric, dataset, judge, value, n from metrics where run_id = '{RUN}' "
+                          "order by method, metric, dataset, judge", "--out", root, "--format", "json"])
     out = capsys.readouterr().out
     assert code == 0, out
     stored = ResultStore(root, read_only=True).read_table("metrics", run_id=RUN).to_pylist()
-    assert json.loads(out) == sorted(({k: m[k] for k in ("method", "metric", "value", "n")} for m in stored),
-                                     key=lambda m: (m["method"], m["metric"]))
+    columns = ("method", "metric", "dataset", "judge", "value", "n")
+    assert json.loads(out) == sorted(({k: m[k] for k in columns} for m in stored),
+                                     key=lambda m: (m["method"], m["metric"], m["dataset"], m["judge"]))
 
     # credentials never reach the results, compressed or not
     for key in fs.find(f"{bucket}/{prefix}"):
