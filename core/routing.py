@@ -180,41 +180,15 @@ class RouteRecording:
         return torch.cat([p.expand(b, -1, -1) for p in parts], dim=1)
 
 
-class RouteControl:
-    """Installed once per loaded model; all methods route through it."""
+class ScopedInterventions:
+    """The scoped public surface every route control shares (`RouteControl` on one model,
+    `core.sharding.ShardedControl` over a sharded replica): contexts that add a route, a recording
+    or the prompt's end to every forward inside them, removed cleanly on exit. A subclass holds
+    `layers`, `num_experts`, `_routes`, `_recordings` and `_prompt_len`, and reads them in its forwards."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.family: Family = family_for(model.config.model_type)
-        router_type = self.family.router_type()
-        self.layers: list[MoELayer] = []
-        blocks: list[torch.nn.Module] = []  # the decoder layer holding each router
-        for name, module in model.named_modules():
-            if isinstance(module, router_type):
-                where = re.match(r"(.*layers)\.(\d+)\.", name)
-                self.layers.append(MoELayer(len(self.layers), int(where.group(2)), name, module))
-                blocks.append(model.get_submodule(f"{where.group(1)}.{where.group(2)}"))
-        if not self.layers:
-            raise UnsupportedModelError(f"no {router_type.__name__} routers found in {type(model).__name__}: "
-                                        "is this a MoE model?")
-        first = self.layers[0].router
-        self.num_experts: int = first.num_experts
-        self.top_k: int = first.top_k
-        self._routes: list[Route] = []
-        self._recordings: list[RouteRecording] = []
-        self._expand: tuple[int, int] | None = None  # (decoder index, rows)
-        self._prompt_len: int | torch.Tensor | None = None  # explicit prompt boundary
-        self._auto_prompt_len = 0  # the last prefill's length
-        self._ended: torch.Tensor | None = None  # (B,) rows whose generated tokens reached EOS
-        self._token_ids: torch.Tensor | None = None  # ids of a forward fed hidden states (a later stage)
-        self._fwd: _Forward | None = None
-        self._handles = [model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)]
-        for layer, block in zip(self.layers, blocks):
-            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.ordinal)))
-            self._handles.append(block.register_forward_pre_hook(self._expand_hook(layer.decoder_index),
-                                                                 with_kwargs=True))
+    layers: list
+    num_experts: int
 
-    # ---- public interventions -------------------------------------------------------------
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -253,6 +227,42 @@ class RouteControl:
         finally:
             self._prompt_len = prev
 
+
+class RouteControl(ScopedInterventions):
+    """Installed once per loaded model; all methods route through it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.family: Family = family_for(model.config.model_type)
+        router_type = self.family.router_type()
+        self.layers: list[MoELayer] = []
+        blocks: list[torch.nn.Module] = []  # the decoder layer holding each router
+        for name, module in model.named_modules():
+            if isinstance(module, router_type):
+                where = re.match(r"(.*layers)\.(\d+)\.", name)
+                self.layers.append(MoELayer(len(self.layers), int(where.group(2)), name, module))
+                blocks.append(model.get_submodule(f"{where.group(1)}.{where.group(2)}"))
+        if not self.layers:
+            raise UnsupportedModelError(f"no {router_type.__name__} routers found in {type(model).__name__}: "
+                                        "is this a MoE model?")
+        first = self.layers[0].router
+        self.num_experts: int = first.num_experts
+        self.top_k: int = first.top_k
+        self._routes: list[Route] = []
+        self._recordings: list[RouteRecording] = []
+        self._expand: tuple[int, int] | None = None  # (decoder index, rows)
+        self._prompt_len: int | torch.Tensor | None = None  # explicit prompt boundary
+        self._auto_prompt_len = 0  # the last prefill's length
+        self._ended: torch.Tensor | None = None  # (B,) rows whose generated tokens reached EOS
+        self._token_ids: torch.Tensor | None = None  # ids of a forward fed hidden states (a later stage)
+        self._fwd: _Forward | None = None
+        self._handles = [model.register_forward_pre_hook(self._begin_forward, with_kwargs=True)]
+        for layer, block in zip(self.layers, blocks):
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer.ordinal)))
+            self._handles.append(block.register_forward_pre_hook(self._expand_hook(layer.decoder_index),
+                                                                 with_kwargs=True))
+
+    # ---- public interventions: apply, record, prompt_length (ScopedInterventions) and ----------
     @contextlib.contextmanager
     def expand_at(self, moe_layer: int, rows: int) -> Iterator[None]:
         """Run the layers below `moe_layer` once on a batch of 1, then continue as `rows` rows.

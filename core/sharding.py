@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DummyLayer, DynamicCache
 
 from core.models import DTYPES, ModelLoadError, load_config, resolve_path
-from core.routing import Route, RouteControl, RouteRecording
+from core.routing import Route, RouteControl, RouteRecording, ScopedInterventions
 
 
 def layer_ranges(num_layers: int, shards: int) -> list[range]:
@@ -294,7 +294,7 @@ class ShardedOutput:
     past_key_values: ShardedCache | None
 
 
-class ShardedControl:
+class ShardedControl(ScopedInterventions):
     """Route control over a sharded replica: the same public surface as `RouteControl`.
 
     Contexts are kept here and sent with each forward; recordings come back from the stages and
@@ -308,38 +308,6 @@ class ShardedControl:
         self._recordings: list[RouteRecording] = []
         self._prompt_len: int | torch.Tensor | None = None
         self._expand: tuple[int, int] | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @contextlib.contextmanager
-    def apply(self, route: Route) -> Iterator[None]:
-        bad = [l for l in route.layers() if not 0 <= l < self.num_layers]
-        if bad:
-            raise ValueError(f"route names MoE layers {bad}; this model has layers 0..{self.num_layers - 1}")
-        self._routes.append(route)
-        try:
-            yield
-        finally:
-            self._routes.remove(route)
-
-    @contextlib.contextmanager
-    def record(self, keep_indices: bool = False) -> Iterator[RouteRecording]:
-        rec = RouteRecording(self.num_layers, self.num_experts, keep_indices)
-        self._recordings.append(rec)
-        try:
-            yield rec
-        finally:
-            self._recordings.remove(rec)
-
-    @contextlib.contextmanager
-    def prompt_length(self, n: int | torch.Tensor) -> Iterator[None]:
-        prev, self._prompt_len = self._prompt_len, n
-        try:
-            yield
-        finally:
-            self._prompt_len = prev
 
     @contextlib.contextmanager
     def expand_at(self, moe_layer: int, rows: int) -> Iterator[None]:

@@ -36,7 +36,7 @@ methods:
     params: {{s1: 2, l_max: 2, max_new_tokens: 12}}
   - method: safex
     datasets: {{regular: harmful, jailbreak: jailbreak, benign: benign}}
-    params: {{rounds: 10, max_new_tokens: 12}}
+    params: {{rounds: 10, random_draws: 2, max_new_tokens: 12}}
   - method: steermoe
     dataset: harmful
     params: {{top_n: 4, max_new_tokens: 12}}

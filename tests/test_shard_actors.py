@@ -109,7 +109,8 @@ def test_sharded_quickstart_gives_the_same_tables_even_when_a_shard_dies(ray_clu
     assert run_manifest(_manifest(tmp_path, run_id="one"), out=out, progress=False).complete
     models = "  - {name: sandbox, path: sandbox, dtype: float32, shards: 2}"
     thread, killed = _kill_a_shard_once(out, "two")
-    summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False)
+    # reuse=False: the sharded replica's units have the same content as run one's, so they would be copied
+    summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False, reuse=False)
     thread.join()
     assert killed, "the test should have killed a shard mid-run"
     assert summary.complete and summary.units_failed == 0
