@@ -1,6 +1,6 @@
 """`moesafe report`: one self-contained HTML page of a result root's runs.
 
-    write_report("results/quickstart")                       # -> results/quickstart/report.html
+    write_report("results")                                  # -> results/report.html
     write_report("s3://b/nightly", html="nightly.html", compare=("nightly-1", "nightly-2"))
 
 The numbers come from core.report; this module loads the tables, draws each figure with
