@@ -31,6 +31,13 @@ class Family:
     # chooses on sigmoid + correction bias): there `bias_on_choice` routes the mask to that score.
     bias_on_choice: bool = False
 
+    def choice_scores(self, router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """(N, E) the scores whose order the family's top-k follows, before any group limit: the
+        logits themselves, or for a family that chooses on another score (deepseek_v3) that score."""
+        if self.bias_on_choice:
+            return logits.sigmoid() + router.e_score_correction_bias
+        return logits
+
     def router_type(self) -> type:
         module, _, name = self.router_class.rpartition(".")
         return getattr(importlib.import_module(module), name)

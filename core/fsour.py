@@ -107,6 +107,7 @@ class _Scorer:
     def __init__(self, lm: LoadedModel, problem: _Problem, candidate_batch: int):
         self.lm, self.problem, self.candidate_batch = lm, problem, candidate_batch
         self.forwards = 0
+        self.prefix = None  # KV cache of positions < t under the current route, where a scorer keeps one
         self.keep = problem.target.numel() + 1  # logits needed: positions P-1 .. P+Y-1
 
     def _route(self, masks: torch.Tensor, forced: Sequence[int], layer: int | None = None,
@@ -130,6 +131,22 @@ class _Scorer:
 
     def begin_position(self, t: int, masks: torch.Tensor, forced: Sequence[int]) -> None:
         pass
+
+    @torch.inference_mode()
+    def natural_top(self, t: int, layer: int, masks: torch.Tensor, forced: Sequence[int], m: int) -> torch.Tensor:
+        """(m,) the experts the router itself ranks highest at (t, layer) under the current route:
+        one forward of position t (from the prefix cache where there is one, else of 0..t)."""
+        lm, p = self.lm, self.problem
+        control = lm.control
+        past = None if self.prefix is None else control.branch_cache(self.prefix, 0, 1)  # the prefix stays as is
+        start = 0 if past is None else t
+        with control.prompt_length(p.prompt_len), control.apply(self._route(masks, forced)), \
+                control.record(keep_logits=True) as rec:
+            lm.model(p.full[:, start:t + 1], past_key_values=past, use_cache=past is not None, logits_to_keep=1)
+        self.forwards += 1
+        logits = rec.logits(layer)[:, -1]  # (1, E) at position t
+        scores = control.family.choice_scores(control.layers[layer].router, logits)[0]
+        return scores.topk(m).indices.cpu()
 
     def baseline(self, masks: torch.Tensor, forced: Sequence[int], best: float) -> float:
         return best
@@ -190,8 +207,14 @@ SCORERS = {"batched": BatchedScorer, "serial": SerialScorer}
 
 
 def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
-                 params: FsourParams = FsourParams(), scorer: str = "batched") -> FsourRun:
-    """One restart of the search (SPEC §3). `scorer="serial"` runs the reference semantics."""
+                 params: FsourParams = FsourParams(), scorer: str = "batched",
+                 natural_pool: int | None = None) -> FsourRun:
+    """One restart of the search (SPEC §3). `scorer="serial"` runs the reference semantics.
+
+    `natural_pool=m` draws each coordinate's candidates among the m experts the router itself
+    ranks highest there (under the route found so far) instead of among all experts: the adaptive
+    attacker of core/route_monitor.py, which keeps its forced experts near the router's own choice.
+    None (the default) is F-SOUR as specified, with the same draws and results as without it."""
     start = time.perf_counter()
     problem = _encode(lm, prompt, target)
     control = lm.control
@@ -210,7 +233,11 @@ def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
         evaluate.begin_position(t, masks, forced)
         for layer in range(n_layers):
             best = evaluate.baseline(masks, forced, best)
-            cands = draw_candidates(generator, params.candidates, n_experts, k)  # (N, k)
+            if natural_pool is None:
+                cands = draw_candidates(generator, params.candidates, n_experts, k)  # (N, k)
+            else:
+                pool = evaluate.natural_top(t, layer, masks, forced, min(natural_pool, n_experts))  # (m,)
+                cands = pool[draw_candidates(generator, params.candidates, len(pool), k)]  # (N, k)
             scores = evaluate.score(layer, masks, forced, cands)  # (N,)
             evaluated += len(cands)
             i = int(scores.argmax())  # the earliest among equals

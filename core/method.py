@@ -91,6 +91,11 @@ class PlanContext:
     # ids of the units of every stage planned so far (the scheduler appends each stage's): a later
     # unit's id hashes them, so a unit derived from other inputs is a different unit
     upstream: list[str] = field(default_factory=list)
+    # derive(method, params, datasets) -> the context a manifest entry of `method` with these params
+    # and dataset roles (role -> dataset name) would have on this model, set by the scheduler: a
+    # method that builds on another runs that method's stages through it (`nested_stages`), as the
+    # very units such an entry runs (same ids), so that a unit both plan is computed once
+    derive: Callable[[str, Any, Mapping[str, str]], "PlanContext"] | None = None
 
     def unit(self, kind: str, on_driver: bool = False, **payload) -> WorkUnit:
         base = {"params": dataclasses.asdict(self.params), "judges": list(self.judges),
@@ -101,6 +106,25 @@ class PlanContext:
     def prompt_units(self, kind: str, prompts: Sequence[PromptLike], **payload) -> list[WorkUnit]:
         return [self.unit(kind, prompts=prompt_dicts(chunk), **payload)
                 for chunk in chunks(prompts, self.prompts_per_unit)]
+
+
+def derived(ctx: PlanContext, method: str, params: Any, datasets: Mapping[str, str]) -> PlanContext:
+    """The context of `method` with `params` on `datasets` (role -> dataset name) beside `ctx`'s plan."""
+    if ctx.derive is None:
+        raise RuntimeError(f"{ctx.method} builds on {method}, and this plan context cannot derive one "
+                           "(PlanContext.derive is set by the scheduler)")
+    return ctx.derive(method, params, datasets)
+
+
+def nested_stages(sub: PlanContext) -> Iterator[list[WorkUnit]]:
+    """The stages of another method's plan inside this one, in `sub` (from `derived`; read their rows
+    with `sub.read`). Each stage's ids are added to `sub.upstream` as the scheduler does for a plan
+    of its own, so every unit is the one a manifest entry of that method would run."""
+    from core.methods import get_method
+
+    for units in get_method(sub.method).plan(sub):
+        yield units
+        sub.upstream += [unit.unit_id for unit in units]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from core.method import Method
 
 METHODS: dict[str, str] = {
     "fsour": "core.fsour",
+    "fsour_transfer": "core.fsour_transfer",
+    "route_monitor": "core.route_monitor",
     "rosais": "core.rosais",
     "safex": "core.safex",
     "steermoe": "core.steermoe",

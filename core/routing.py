@@ -22,7 +22,7 @@ import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -112,31 +112,59 @@ class _Forward:
     is_prompt: torch.Tensor  # (B|1, S) bool
 
 
-class RouteRecording:
-    """Per-row routing counts (reduced on the device) and, optionally, the full top-k indices."""
+class RecordedPart(NamedTuple):
+    """What one recording saw, to add into another one (a pipeline stage's share of a forward)."""
 
-    def __init__(self, num_layers: int, num_experts: int, keep_indices: bool):
-        self.num_layers, self.num_experts, self.keep_indices = num_layers, num_experts, keep_indices
+    counts: dict  # layer -> (B, 2E)
+    indices: dict  # layer -> [(B, S, k)]
+    tokens: torch.Tensor | None  # (B, 2), from the stage that sees the token ids first
+    off_natural: dict  # layer -> (B, 2)
+    logits: dict  # layer -> [(B, S, E)]
+
+
+class RouteRecording:
+    """Per-row routing counts (reduced on the device) and, optionally, the full top-k indices and
+    the router's own logits.
+
+    Besides what was selected it counts, per row, layer and phase, the selected experts that the
+    router's own top-k (its selection on its unmodified logits) does not contain: zero wherever no
+    route acted, the forced experts off that top-k where one did (route_monitor's signal)."""
+
+    def __init__(self, num_layers: int, num_experts: int, keep_indices: bool, keep_logits: bool = False):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.keep_indices, self.keep_logits = keep_indices, keep_logits
         self._counts: list[torch.Tensor | None] = [None] * num_layers  # layer -> (B, 2 * E)
+        self._off_natural: list[torch.Tensor | None] = [None] * num_layers  # layer -> (B, 2)
         self._indices: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._logits: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._tokens: torch.Tensor | None = None  # (B, 2)
 
-    def _add(self, layer: int, indices: torch.Tensor, fwd: _Forward) -> None:
-        b, s, k = indices.shape  # indices: (B, S, k)
+    def _add(self, layer: int, indices: torch.Tensor, fwd: _Forward, natural: torch.Tensor | None = None,
+             logits: torch.Tensor | None = None) -> None:
+        """indices: (B, S, k) selected; natural: (B, S, k) the router's own selection, None when a
+        route changed nothing here; logits: (B, S, E) the router's unmodified logits."""
+        b, s, k = indices.shape
         phase = (~fwd.is_prompt).long().expand(b, s)  # 0 = prompt, 1 = generated
         slot = (phase[..., None] * self.num_experts + indices).reshape(b, s * k)
-        weight = fwd.counted.expand(b, s)[..., None].expand(b, s, k).reshape(b, s * k).long()
+        counted = fwd.counted.expand(b, s)
+        weight = counted[..., None].expand(b, s, k).reshape(b, s * k).long()
         counts = torch.zeros(b, 2 * self.num_experts, dtype=torch.long, device=indices.device)
         counts.scatter_add_(1, slot, weight)
-        prev = self._counts[layer]
-        self._counts[layer] = counts if prev is None else prev + counts
+        self._counts[layer] = _plus(self._counts[layer], counts)
+        if natural is not None:
+            off = (indices[..., :, None] != natural[..., None, :]).all(-1).sum(-1)  # (B, S) selected not natural
+            by_phase = torch.zeros(b, 2, dtype=torch.long, device=indices.device)
+            by_phase.scatter_add_(1, phase, off * counted.long())
+            self._off_natural[layer] = _plus(self._off_natural[layer], by_phase)
         if self.keep_indices:
             self._indices[layer].append(indices)
+        if self.keep_logits and logits is not None:
+            self._logits[layer].append(logits)
 
     def _add_tokens(self, fwd: _Forward) -> None:
         counted = fwd.counted.long()
         tokens = torch.stack([(counted * fwd.is_prompt).sum(1), (counted * ~fwd.is_prompt).sum(1)], dim=1)
-        self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        self._tokens = _plus(self._tokens, tokens)
 
     def counts(self) -> torch.Tensor:
         """(B, L, 2, E) int64: tokens whose top-k contains each expert; [:, :, 0] prompt, [:, :, 1] generated."""
@@ -145,25 +173,36 @@ class RouteRecording:
         b = max(c.shape[0] for c in self._counts)
         return torch.stack([c.expand(b, -1) for c in self._counts], 1).view(b, self.num_layers, 2, self.num_experts)
 
-    def partial(self, with_tokens: bool) -> tuple[dict, dict, torch.Tensor | None]:
-        """What this recording saw, to add into another one (a pipeline stage's share of a forward):
-        (layer -> (B, 2E) counts, layer -> [indices], tokens (B, 2) if `with_tokens`)."""
-        counts = {l: c for l, c in enumerate(self._counts) if c is not None}
-        indices = {l: parts for l, parts in enumerate(self._indices) if parts}
-        return counts, indices, self._tokens if with_tokens else None
+    def off_natural(self) -> torch.Tensor:
+        """(B, L, 2) int64: selected experts outside the router's own top-k, [prompt, generated]."""
+        b = self.counts().shape[0]
+        zero = torch.zeros(b, 2, dtype=torch.long)
+        return torch.stack([zero if c is None else c.cpu().expand(b, -1) for c in self._off_natural], 1)
 
-    def add_partial(self, part: tuple[dict, dict, torch.Tensor | None]) -> None:
-        counts, indices, tokens = part
-        for layer, c in counts.items():
-            c = c.cpu()
-            prev = self._counts[layer]
-            self._counts[layer] = c if prev is None else prev + c
+    def partial(self, with_tokens: bool) -> RecordedPart:
+        """What this recording saw, to add into another one; the tokens only if `with_tokens`."""
+        def kept(parts: list[list[torch.Tensor]]) -> dict:
+            return {l: p for l, p in enumerate(parts) if p}
+
+        def summed(parts: list[torch.Tensor | None]) -> dict:
+            return {l: c for l, c in enumerate(parts) if c is not None}
+
+        return RecordedPart(summed(self._counts), kept(self._indices), self._tokens if with_tokens else None,
+                            summed(self._off_natural), kept(self._logits))
+
+    def add_partial(self, part: RecordedPart) -> None:
+        for layer, c in part.counts.items():
+            self._counts[layer] = _plus(self._counts[layer], c.cpu())
+        for layer, c in part.off_natural.items():
+            self._off_natural[layer] = _plus(self._off_natural[layer], c.cpu())
         if self.keep_indices:
-            for layer, parts in indices.items():
+            for layer, parts in part.indices.items():
                 self._indices[layer] += [p.cpu() for p in parts]
-        if tokens is not None:
-            tokens = tokens.cpu()
-            self._tokens = tokens if self._tokens is None else self._tokens + tokens
+        if self.keep_logits:
+            for layer, parts in part.logits.items():
+                self._logits[layer] += [p.cpu() for p in parts]
+        if part.tokens is not None:
+            self._tokens = _plus(self._tokens, part.tokens.cpu())
 
     def tokens(self) -> torch.Tensor:
         """(B, 2) int64: tokens counted per row, [prompt, generated]."""
@@ -175,9 +214,23 @@ class RouteRecording:
         """(B, S_total, k): the top-k experts at `layer` for every position seen (padding included)."""
         if not self.keep_indices:
             raise RuntimeError("indices were not kept: use record(keep_indices=True)")
-        parts = self._indices[layer]
-        b = max(p.shape[0] for p in parts)
-        return torch.cat([p.expand(b, -1, -1) for p in parts], dim=1)
+        return _along_positions(self._indices[layer])
+
+    def logits(self, layer: int) -> torch.Tensor:
+        """(B, S_total, E): the router's unmodified logits at `layer` for every position seen."""
+        if not self.keep_logits:
+            raise RuntimeError("router logits were not kept: use record(keep_logits=True)")
+        return _along_positions(self._logits[layer])
+
+
+def _plus(total: torch.Tensor | None, more: torch.Tensor) -> torch.Tensor:
+    return more if total is None else total + more
+
+
+def _along_positions(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Forwards' (B|1, S, X) pieces joined along positions, batch-1 pieces broadcast."""
+    b = max(p.shape[0] for p in parts)
+    return torch.cat([p.expand(b, -1, -1) for p in parts], dim=1)
 
 
 class ScopedInterventions:
@@ -206,9 +259,10 @@ class ScopedInterventions:
             self._routes.remove(route)
 
     @contextlib.contextmanager
-    def record(self, keep_indices: bool = False) -> Iterator[RouteRecording]:
-        """Record per-row expert counts (and optionally the top-k indices) of forwards in the block."""
-        rec = RouteRecording(self.num_layers, self.num_experts, keep_indices)
+    def record(self, keep_indices: bool = False, keep_logits: bool = False) -> Iterator[RouteRecording]:
+        """Record per-row expert counts (and optionally the top-k indices and the router's own
+        logits) of forwards in the block."""
+        rec = RouteRecording(self.num_layers, self.num_experts, keep_indices, keep_logits)
         self._recordings.append(rec)
         try:
             yield rec
@@ -397,9 +451,11 @@ class RouteControl(ScopedInterventions):
                 mask = self._terms(route.masks, layer, fwd, in_scope)
                 if mask is not None:
                     bias = mask if bias is None else bias + mask
+            natural = None  # the router's own selection, kept where a route replaces it
             if steered or bias is not None:
                 if bias is not None and bias.shape[0] not in (1, b):
                     raise ValueError(f"route for MoE layer {layer} has {bias.shape[0]} rows; this forward has {b}")
+                natural = indices.reshape(b, s, -1)
                 flat = z.reshape(n, e)
                 if self.family.bias_on_choice:
                     weights, indices = self.family.select(
@@ -409,7 +465,7 @@ class RouteControl(ScopedInterventions):
                     weights, indices = self.family.select(module, flat)
                 output = (logits, weights, indices)
             for rec in self._recordings:
-                rec._add(layer, indices.reshape(b, s, -1), fwd)
+                rec._add(layer, indices.reshape(b, s, -1), fwd, natural, logits.view(b, s, e))
             return output
         return hook
 

@@ -186,6 +186,38 @@ _ALL = [
         _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
         _col("prompt_tokens", pa.int32(), nullable=True),  # P, the chat-templated prompt's length; null: pre-check
     ], masked=True),
+    # src's F-SOUR route on prompt dst; control "none" (dst unrouted: src and alignment null), "route"
+    # or "random_<d>" (random experts at the route's (position, layer) slots)
+    _method_table("fsour_transfer", 1, "F-SOUR routes applied to other prompts, one row per generation", [
+        _col("src", pa.string(), nullable=True),  # the prompt whose route is applied
+        _col("dst", pa.string()),                 # the prompt answered
+        _col("dataset", pa.string()),
+        _col("alignment", pa.string(), nullable=True),  # end | start: how route positions map onto dst
+        _col("control", pa.string()),
+        _col("same_category", pa.bool_(), nullable=True),  # null: no categories, or no src
+        _col("slots", pa.int32()),                # (position, layer) slots forced on dst
+        _col("jailbroken", pa.bool_(), nullable=True),
+        _col("score", pa.float64(), nullable=True),
+        _col("judge", pa.string()),               # the deciding judge (every verdict: generations)
+        _col("target_logprob", pa.float64()),     # joint log-prob of dst's target reply under this row's route
+        _col("target_logprob_gain", pa.float64()),  # minus that of dst unrouted
+    ], masked=True),
+    # groups: benign and harmful (unrouted), fsour (F-SOUR's reported route), adaptive (F-SOUR
+    # drawing among the router's natural top experts, one row per restart)
+    _method_table("route_monitor", 1, "routing-monitor scores, one row per generation", [
+        _col("prompt_id", pa.string()),
+        _col("dataset", pa.string()),
+        _col("group", pa.string()),
+        _col("restart", pa.int32(), nullable=True),  # adaptive rows only
+        _col("route", pa.list_(_ROUTE_STEP)),
+        _col("off_natural", pa.int64()),          # selected experts outside the router's own top-k
+        _col("decisions", pa.int64()),            # selections counted: tokens x MoE layers x k
+        _col("monitor_score", pa.float64()),      # off_natural / decisions
+        _col("joint_logprob", pa.float64(), nullable=True),  # adaptive rows: the search's final value
+        _col("jailbroken", pa.bool_(), nullable=True),
+        _col("score", pa.float64(), nullable=True),
+        _col("judge", pa.string()),               # the deciding judge; "" for benign rows (not judged)
+    ], masked=True),
     _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking", [
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),

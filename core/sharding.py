@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DummyLayer, DynamicCache
 
 from core.models import DTYPES, ModelLoadError, load_config, resolve_path
-from core.routing import Route, RouteControl, RouteRecording, ScopedInterventions
+from core.routing import RecordedPart, Route, RouteControl, RouteRecording, ScopedInterventions
 
 
 def layer_ranges(num_layers: int, shards: int) -> list[range]:
@@ -66,6 +66,7 @@ class ControlState:
     routes: tuple[Route, ...] = ()
     record: bool = False
     keep_indices: bool = False
+    keep_logits: bool = False
     prompt_len: int | torch.Tensor | None = None
     expand: tuple[int, int] | None = None  # (MoE layer, rows)
 
@@ -77,7 +78,7 @@ class StageMessage:
     tokens: (B|1, S) the token ids (embedded by the first stage; read by route control everywhere).
     hidden: None into the first stage, (B, S, H) between stages, logits (B, K, V) out of the last.
     cache: id of the KV cache to use and extend (created on first use); None runs without one.
-    recorded: per stage, (layer -> (B, 2E) counts, layer -> [indices], tokens (B, 2)) when recording.
+    recorded: per stage, what its recording saw (core.routing.RecordedPart) when recording.
     """
 
     tokens: torch.Tensor
@@ -87,7 +88,7 @@ class StageMessage:
     cache: int | None = None
     logits_to_keep: int = 0
     control: ControlState = field(default_factory=ControlState)
-    recorded: list[tuple[dict, dict, torch.Tensor | None]] = field(default_factory=list)
+    recorded: list[RecordedPart] = field(default_factory=list)
 
 
 # ---- one shard ---------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class ModelShard:
                 scope.enter_context(control.prompt_length(state.prompt_len))
             if state.expand is not None:
                 scope.enter_context(control.expand_at(*state.expand))
-            rec = scope.enter_context(control.record(state.keep_indices)) if state.record else None
+            rec = scope.enter_context(control.record(state.keep_indices, state.keep_logits)) if state.record else None
             scope.enter_context(control.token_ids(msg.tokens.to(device)))
             out = self.model(**inputs,
                              attention_mask=None if msg.attention_mask is None else msg.attention_mask.to(device),
@@ -323,8 +324,9 @@ class ShardedControl(ScopedInterventions):
         return new
 
     def state(self) -> ControlState:
-        keep = any(r.keep_indices for r in self._recordings)
-        return ControlState(tuple(self._routes), bool(self._recordings), keep, self._prompt_len, self._expand)
+        return ControlState(tuple(self._routes), bool(self._recordings),
+                            any(r.keep_indices for r in self._recordings), any(r.keep_logits for r in self._recordings),
+                            self._prompt_len, self._expand)
 
     def collect(self, msg: StageMessage) -> None:
         """Add a finished forward's per-stage recordings to every open `record()`."""

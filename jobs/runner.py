@@ -239,28 +239,35 @@ class Scheduler:
         for m in self.manifest.methods:
             if m.models and entry.name not in m.models:
                 continue
-            params = m.build_params()
-            roles = m.roles()
-            params_json = params.to_json()
-
-            def read(table: str, params_json=params_json) -> list[dict]:
-                rows = self.store.read_table(table, run_id=self.run_id, model=slug).to_pylist()
-                return [r for r in rows if r.get("params") == params_json]
-
-            prompts = {role: self.prompts[name] for role, name in roles.items()}
-            # Unit ids hash the model key: with the prompts' texts and the judges' settings in it, a
-            # unit id names its whole content, so another run's unit of the same id can be reused.
-            content = _digest({"prompts": {role: [dataclasses.asdict(p) for p in ps] for role, ps in prompts.items()},
-                               "judges": [self.manifest.judges[name].model_dump() for name in m.judge_names]})
-            ctx = PlanContext({**key, "content": content}, m.method, params, m.judge_names, prompts, roles,
-                              self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
-                              shape.num_layers, read)
+            ctx = self._context(key, slug, m.method, m.build_params(), m.judge_names, m.roles())
             plans.append(_Plan(ctx, get_method(m.method).stages(ctx)))
         if not plans:
             return None
         return _Model(entry, key, plans, replacements_left=REPLACEMENTS_PER_REPLICA * entry.replicas)
 
     # -- the loop ----------------------------------------------------------------------------
+    def _context(self, key: dict, slug: str, method: str, params, judge_names: tuple[str, ...],
+                 roles: dict[str, str]) -> PlanContext:
+        """The plan context of a method entry on one model; `derive` gives the same for another
+        method a plan builds on (core.method.derived), so those units are that entry's units."""
+        params_json = params.to_json()
+
+        def read(table: str) -> list[dict]:
+            rows = self.store.read_table(table, run_id=self.run_id, model=slug).to_pylist()
+            return [r for r in rows if r.get("params") == params_json]
+
+        def derive(other: str, other_params, other_roles) -> PlanContext:
+            return self._context(key, slug, other, other_params, judge_names, dict(other_roles))
+
+        prompts = {role: self.prompts[name] for role, name in roles.items()}
+        # Unit ids hash the model key: with the prompts' texts and the judges' settings in it, a
+        # unit id names its whole content, so another run's unit of the same id can be reused.
+        content = _digest({"prompts": {role: [dataclasses.asdict(p) for p in ps] for role, ps in prompts.items()},
+                           "judges": [self.manifest.judges[name].model_dump() for name in judge_names]})
+        return PlanContext({**key, "content": content}, method, params, judge_names, prompts, roles,
+                           self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
+                           key["num_layers"], read, derive=derive)
+
     def run(self) -> RunSummary:
         start = time.perf_counter()
         try:
@@ -429,10 +436,14 @@ class Scheduler:
                     break
                 plan.ctx.upstream += [unit.unit_id for unit in units]  # what the next stages derive from
                 plan.stage += 1
-                self.bar.planned(label, plan.stage, len(units))
-                self.summary.units_total += len(units)
+                # a unit another plan has in flight too (core.method.derived) runs once, counted there
+                shared = {u.unit_id for u in units if any(u.unit_id in other.pending for other in model.plans)}
+                self.bar.planned(label, plan.stage, len(units) - len(shared))
+                self.summary.units_total += len(units) - len(shared)
                 for unit in units:
-                    if unit.unit_id in self.done_before:
+                    if unit.unit_id in shared:
+                        plan.pending.add(unit.unit_id)
+                    elif unit.unit_id in self.done_before:
                         self.summary.units_skipped += 1
                         model.skipped += 1
                         self.bar.done()
@@ -511,9 +522,12 @@ class Scheduler:
         self._finished(model, plan, unit, ok=False)
 
     def _finished(self, model: _Model, plan: _Plan, unit: WorkUnit, ok: bool) -> None:
-        plan.pending.discard(unit.unit_id)
-        plan.failed |= not ok
+        for waiting in model.plans:  # every plan that planned this unit
+            if unit.unit_id in waiting.pending:
+                waiting.pending.discard(unit.unit_id)
+                waiting.failed |= not ok
         if ok:
+            self.done_before.add(unit.unit_id)  # a plan that plans it later in this run skips it
             model.ok += 1
             self.summary.units_ok += 1
         else:
