@@ -88,42 +88,62 @@ def query(sql: str, root: str) -> list[dict]:
     return json.loads(run_query(sql, root, "json"))
 
 
-def figures_block(root: str, run: dict) -> str:
-    run_id = run["run_id"]
-    where = f"where run_id = '{run_id}'"
-    metrics = query(f"select * from metrics {where}", root)
-    by_judge: dict[tuple[str, str], dict[str, tuple[float, int]]] = defaultdict(dict)
-    judges: list[str] = []
-    for m in metrics:
-        judge = m.get("judge") or NO_JUDGE
-        if judge not in judges:
-            judges.append(judge)
-        key = (m["method"], m["metric"] if m["method"] != "safex" else f"{m['metric']}:{m['dataset']}")
-        by_judge[key][judge] = (m["value"], m["n"])
-    judges.sort()
-    # From the units, not the runs row: a resumed run rewrites started_at, and a unit knows when it ran.
-    units = query(f"select count(*) as n, sum(seconds) as seconds, "
-                  f"epoch(max(finished_at)) - min(epoch(finished_at) - seconds) as span from units {where}", root)[0]
-    versions = json.loads(run["versions"]) if isinstance(run["versions"], str) else run["versions"]
+class MetricFigures:
+    """A run's metrics as README cells: figures(*keys, joint=" → ") writes the metrics `keys`
+    ((method, metric); SAFEx's metric with ":<dataset>") as "a → b (n)", one per judge, named when
+    there are several."""
 
-    def figure(*keys: tuple[str, str], joint: str = " → ") -> str:
-        """The metrics `keys` as "a → b (n)", one per judge, named when there are several."""
+    def __init__(self, metrics: list[dict]):
+        self.by_judge: dict[tuple[str, str], dict[str, tuple[float, int]]] = defaultdict(dict)
+        judges: list[str] = []
+        for m in metrics:
+            judge = m.get("judge") or NO_JUDGE
+            if judge not in judges:
+                judges.append(judge)
+            key = (m["method"], m["metric"] if m["method"] != "safex" else f"{m['metric']}:{m['dataset']}")
+            self.by_judge[key][judge] = (m["value"], m["n"])
+        self.judges = sorted(judges)
+
+    def keys(self):
+        return self.by_judge.keys()
+
+    def __call__(self, *keys: tuple[str, str], joint: str = " → ") -> str:
         parts = []
-        for judge in judges:
-            cells = [by_judge.get(key, {}).get(judge) for key in keys]
+        for judge in self.judges:
+            cells = [self.by_judge.get(key, {}).get(judge) for key in keys]
             if all(c is None for c in cells):
                 continue
             values = joint.join("–" if c is None else f"{c[0]:.2f}" for c in cells)
             n = "/".join(sorted({str(c[1]) for c in cells if c is not None}))
-            named = judge and len(judges) > 1  # a single judge needs no name
+            named = judge and len(self.judges) > 1  # a single judge needs no name
             parts.append(f"{judge + ': ' if named else ''}{values} (n = {n})")
         return "; ".join(parts) or "not measured"
 
-    rosais_L = sorted((k for k in by_judge if k[0] == "rosais" and k[1].startswith("asr_at_L")),
+
+def units_line(root: str, run: dict) -> str:
+    """How long the run's units took, the versions, the commit and the machine."""
+    run_id = run["run_id"]
+    # From the units, not the runs row: a resumed run rewrites started_at, and a unit knows when it ran.
+    units = query(f"select count(*) as n, sum(seconds) as seconds, "
+                  f"epoch(max(finished_at)) - min(epoch(finished_at) - seconds) as span from units "
+                  f"where run_id = '{run_id}'", root)[0]
+    versions = json.loads(run["versions"]) if isinstance(run["versions"], str) else run["versions"]
+    return (f"Run `{run_id}`: {units['n']} units, {units['span']:.0f} s from the first unit's start to the last "
+            f"one's end ({units['seconds']:.0f} s summed over units); torch {versions.get('torch')}, transformers "
+            f"{versions.get('transformers')}, ray {versions.get('ray')}. Written by `make figures` at commit "
+            f"{commit()} on {machine()}.")
+
+
+def figures_block(root: str, run: dict) -> str:
+    run_id = run["run_id"]
+    where = f"where run_id = '{run_id}'"
+    figure = MetricFigures(query(f"select * from metrics {where}", root))
+
+    rosais_L = sorted((k for k in figure.keys() if k[0] == "rosais" and k[1].startswith("asr_at_L")),
                       key=lambda k: int(k[1].removeprefix("asr_at_L")))
     ranking = query(f"select layer, avg(score) as mean from rosais_scores {where} group by layer "
                     f"order by mean desc, layer", root)
-    safex_groups = sorted({k[1].split(":", 1)[1] for k in by_judge if k[0] == "safex"})
+    safex_groups = sorted({k[1].split(":", 1)[1] for k in figure.keys() if k[0] == "safex"})
     rows = [
         ("F-SOUR", "ASR unattacked → attacked", figure(("fsour", "asr_baseline"), ("fsour", "asr"))),
         ("F-SOUR", "searched prompts whose reported route reached the threshold", figure(("fsour", "converged"))),
@@ -140,9 +160,7 @@ def figures_block(root: str, run: dict) -> str:
     lines = [BEGIN, "",
              "| method | figure | value |", "|---|---|---|",
              *[f"| {method} | {name} | {value} |" for method, name, value in rows], "",
-             f"Run `{run_id}`: {units['n']} units, {units['span']:.0f} s from the first unit's start to the last "
-             f"one's end ({units['seconds']:.0f} s summed over units); torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
-             f"ray {versions.get('ray')}. Written by `make figures` at commit {commit()} on {machine()}.",
+             units_line(root, run),
              "", END]
     return "\n".join(lines)
 
@@ -177,13 +195,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def replace_block(readme: Path, block: str) -> None:
+def replace_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put `block` (which starts with `begin` and ends with `end`) where those markers are in `readme`."""
     text = readme.read_text(encoding="utf-8")
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise FiguresError(f"{readme} needs exactly one block between {BEGIN!r} and {END!r} (in that order) "
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise FiguresError(f"{readme} needs exactly one block between {begin!r} and {end!r} (in that order) "
                            f"for the figures to go in")
-    before, rest = text.split(BEGIN)
-    after = rest.split(END, 1)[1]
+    before, rest = text.split(begin)
+    after = rest.split(end, 1)[1]
     readme.write_text(before + block + after, encoding="utf-8")
 
 

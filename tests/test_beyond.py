@@ -5,6 +5,7 @@ Arithmetic on hand-worked cases; the monitor's count and the adaptive attacker o
 model; the reducers on hand-built rows; both methods end to end on a local Ray cluster."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -23,6 +24,8 @@ from core.stored_routes import align_steps, place_routes, prompt_lengths, random
 from jobs.manifest import load_manifest
 from jobs.runner import run_manifest
 from tests.test_methods import generation, metrics, reader
+
+beyond_figures = importlib.import_module("benchmarks.beyond_figures")
 
 
 def step(layer: int, token: int, *experts: int) -> dict:
@@ -283,6 +286,10 @@ def test_both_methods_run_end_to_end_share_fsour_and_resume(sandbox_dir, tmp_pat
     names = {(r["method"], r["metric"]) for r in tables["metrics"]}
     assert {("fsour_transfer", "transfer_asr"), ("fsour_transfer", "transfer_asr_random"),
             ("route_monitor", "monitor_auroc"), ("route_monitor", "asr_adaptive")} <= names
+    # the README's figures read this run
+    block = beyond_figures.figures_block(out, beyond_figures.finished_run(out, "beyond"))
+    assert "| route_monitor | F-SOUR: AUROC / detection at 1% false positives | refusal: " in block
+    assert "| fsour_transfer | ASR on other prompts, aligned from the end" in block and "not measured" not in block
     # resumed: nothing recomputed, no row added
     assert second.complete and second.units_ok == 0
     for name, rows in tables.items():
