@@ -30,6 +30,8 @@ HEADLINE_METRICS = {
     "fsour": ("asr", "asr_baseline"),
     "steermoe": ("asr_steered", "asr_unsteered"),
     "safex": ("refusal_after", "refusal_before"),
+    "fsour_transfer": ("transfer_asr", "transfer_asr_baseline"),  # other prompts' routes vs unrouted
+    "route_monitor": ("asr_adaptive", None),  # the adaptive attacker; its detection: metrics
 }
 _ASR_AT_L = re.compile(r"asr_at_L(\d+)")
 
