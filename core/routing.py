@@ -465,7 +465,7 @@ class RouteControl(ScopedInterventions):
                     weights, indices = self.family.select(module, flat)
                 output = (logits, weights, indices)
             for rec in self._recordings:
-                rec._add(layer, indices.reshape(b, s, -1), fwd, natural, logits.view(b, s, e))
+                rec._add(layer, indices.reshape(b, s, -1), fwd, natural, logits.reshape(b, s, e))
             return output
         return hook
 

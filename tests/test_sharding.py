@@ -86,12 +86,13 @@ def _routed_generation(lm, ids, routes):
     with torch.no_grad(), contextlib.ExitStack() as scope:
         for route in routes:
             scope.enter_context(lm.control.apply(route))
-        rec = scope.enter_context(lm.control.record(keep_indices=True))
+        rec = scope.enter_context(lm.control.record(keep_indices=True, keep_logits=True))
         return lm.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), rec
 
 
 def test_route_control_identical_on_shards(tiny):
-    """force, disable and steer on every layer (nested), recorded counts and indices: as unsharded."""
+    """force, disable and steer on every layer (nested), recorded counts, indices, router logits
+    and experts selected off the router's own top-k: as unsharded."""
     family, _, full, sharded = tiny
     c = full.control
     ids = _ids(2, 6, seed=4)
@@ -107,8 +108,10 @@ def test_route_control_identical_on_shards(tiny):
         assert torch.equal(got, want), f"{family} in {shards}"
         assert torch.equal(rec.counts(), want_rec.counts())
         assert torch.equal(rec.tokens(), want_rec.tokens())
+        assert torch.equal(rec.off_natural(), want_rec.off_natural()) and want_rec.off_natural().sum() > 0
         for layer in range(c.num_layers):
             assert torch.equal(rec.indices(layer), want_rec.indices(layer))
+            assert torch.equal(rec.logits(layer), want_rec.logits(layer))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
