@@ -174,6 +174,7 @@ class Scheduler:
         self.manifest, self.store, self.run_id = manifest, store, run_id
         self.wait_timeout_s = wait_timeout_s
         self.done_before = store.done_units(run_id)
+        self.planned: set[str] = set()  # ids of the units every plan has yielded so far in this attempt
         self.reusable = store.units_done_elsewhere(run_id) if reuse else {}
         self.summary = RunSummary(run_id, store.root)
         self.bar = RunProgress(run_id, progress)
@@ -436,13 +437,17 @@ class Scheduler:
                     break
                 plan.ctx.upstream += [unit.unit_id for unit in units]  # what the next stages derive from
                 plan.stage += 1
-                # a unit another plan has in flight too (core.method.derived) runs once, counted there
-                shared = {u.unit_id for u in units if any(u.unit_id in other.pending for other in model.plans)}
+                # a unit another plan planned too (core.method.derived) runs and counts once
+                shared = {u.unit_id for u in units if u.unit_id in self.planned}
+                self.planned |= {u.unit_id for u in units}
                 self.bar.planned(label, plan.stage, len(units) - len(shared))
                 self.summary.units_total += len(units) - len(shared)
                 for unit in units:
                     if unit.unit_id in shared:
-                        plan.pending.add(unit.unit_id)
+                        if any(unit.unit_id in other.pending for other in model.plans):
+                            plan.pending.add(unit.unit_id)  # wait for it
+                        elif unit.unit_id not in self.done_before:
+                            plan.failed = True  # it failed for the other plan in this attempt
                     elif unit.unit_id in self.done_before:
                         self.summary.units_skipped += 1
                         model.skipped += 1
@@ -463,6 +468,7 @@ class Scheduler:
             return False
         self.store.reuse_unit(source, self.run_id, unit.model, unit.unit_id)
         self.summary.units_reused += 1
+        self.done_before.add(unit.unit_id)  # done here now, for any other plan that plans it
         return True
 
     def _run_on_driver(self, model: _Model, plan: _Plan, unit: WorkUnit) -> None:

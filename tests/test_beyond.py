@@ -241,20 +241,20 @@ chunking: {prompts_per_unit: 2, rounds_per_unit: 5}
 models:
   - {name: sandbox, path: sandbox, dtype: float32}
 datasets:
-  harmful: {source: sandbox, split: regular, limit: 3}
+  harmful: {source: sandbox, split: regular, limit: 2}
   benign: {source: sandbox, split: benign, limit: 2}
 judges:
   sandbox: {type: sandbox}
   refusal: {type: refusal}
 methods:
-  - {method: fsour, dataset: harmful, judges: [sandbox, refusal], params: {candidates: 4, restarts: 2, max_new_tokens: 8}}
+  - {method: fsour, dataset: harmful, judges: [refusal, sandbox], params: {candidates: 4, restarts: 2, max_new_tokens: 8}}
   - method: fsour_transfer
     dataset: harmful
-    judges: [sandbox, refusal]
+    judges: [refusal, sandbox]
     params: {candidates: 4, restarts: 2, max_new_tokens: 8}
   - method: route_monitor
     datasets: {harmful: harmful, benign: benign}
-    judges: [sandbox, refusal]
+    judges: [refusal, sandbox]
     params: {candidates: 4, restarts: 2, max_new_tokens: 8}
 """
 
@@ -272,14 +272,18 @@ def test_both_methods_run_end_to_end_share_fsour_and_resume(sandbox_dir, tmp_pat
                   for name in ("fsour_routes", "fsour_transfer", "route_monitor", "metrics")}
         second = run_manifest(load_manifest(path), out=out, progress=False)
         again = {name: store.read_table(name, run_id="beyond").to_pylist() for name in tables}
+        other = tmp_path / "other.yaml"  # the same manifest under another run id: every unit reused
+        other.write_text(BEYOND.replace("run_id: beyond", "run_id: beyond-other"))
+        third = run_manifest(load_manifest(other), out=out, progress=False)
     finally:
         ray.shutdown()
     assert first.complete and first.units_ok == first.units_total > 0
     # F-SOUR's units, planned by all three entries, ran once each: one fsour_routes row per prompt and restart
     assert len({u["unit_id"] for u in units}) == len(units)
     keys = [(r["prompt_id"], r["restart"]) for r in tables["fsour_routes"]]
-    assert len(keys) == len(set(keys)) and {p for p, _ in keys} == {"sb-reg-0000", "sb-reg-0001", "sb-reg-0002"}
-    assert {r["control"] for r in tables["fsour_transfer"]} >= {"none"}
+    assert len(keys) == len(set(keys)) and {p for p, _ in keys} == {"sb-reg-0000", "sb-reg-0001"}
+    # the refusal judge decides: 8 answer tokens without a refusal are a jailbreak, so routes exist to transfer
+    assert {r["control"] for r in tables["fsour_transfer"]} == {"none", "route", "random_0"}
     assert {r["group"] for r in tables["route_monitor"]} >= {"benign", "harmful"}
     assert all(r["off_natural"] == 0 for r in tables["route_monitor"] if r["group"] in ("benign", "harmful"))
     assert all(r["off_natural"] > 0 for r in tables["route_monitor"] if r["group"] in ("fsour", "adaptive"))
@@ -289,9 +293,11 @@ def test_both_methods_run_end_to_end_share_fsour_and_resume(sandbox_dir, tmp_pat
     # the README's figures read this run
     block = beyond_figures.figures_block(out, beyond_figures.finished_run(out, "beyond"))
     assert "| route_monitor | F-SOUR: AUROC / detection at 1% false positives | refusal: " in block
-    assert "| fsour_transfer | ASR on other prompts, aligned from the end" in block and "not measured" not in block
+    line = next(line for line in block.splitlines() if "ASR on other prompts, aligned from the end" in line)
+    assert "nan" not in line and "not measured" not in line
     # resumed: nothing recomputed, no row added
-    assert second.complete and second.units_ok == 0
+    assert second.complete and second.units_ok == 0 and second.units_skipped == first.units_total
+    assert third.complete and (third.units_ok, third.units_reused) == (0, first.units_total), (third, first)
     for name, rows in tables.items():
         assert sorted(json.dumps(r, sort_keys=True, default=str) for r in again[name]) == \
             sorted(json.dumps(r, sort_keys=True, default=str) for r in rows), name
