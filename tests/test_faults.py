@@ -29,13 +29,12 @@ from core.datasets import load_prompts
 from core.fsour import FsourParams, fsour_search
 from core.method import UnitKind
 from core.models import load_model
-from core.schemas import RESULT_TABLES
 from core.store import ResultStore
 from jobs.cli import EXIT_INCOMPLETE, main
 from jobs.manifest import load_manifest
 from jobs.runner import MAX_ATTEMPTS, run_manifest
 from tests.test_judges import ChatServer, chat_reply
-from tests.test_runtime import SANDBOX_MODEL, SMALL
+from tests.test_runtime import RESULT_TABLES, SANDBOX_MODEL, SMALL  # the tables its methods write
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "faults"
