@@ -124,7 +124,7 @@ class Method:
     units: Mapping[str, UnitKind]  # kind -> how it runs
     reduce: Reducer  # fills `metrics`, once per judge, in a last stage of its own
     tables: tuple[str, ...]  # result tables its units write (besides metrics)
-    needs_target: bool = False  # every prompt needs a target reply
+    needs_target: bool | tuple[str, ...] = False  # every prompt needs a target reply (a tuple: of those roles)
     roles: tuple[str, ...] = ("dataset",)  # dataset roles: ("dataset",) is `dataset: name`
     optional_roles: tuple[str, ...] = ()
     # check_model(params, num_experts, top_k) raises ValueError when the settings cannot run on a model

@@ -201,7 +201,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         else:
             roles = [*method.roles, *(f"{role} (optional)" for role in method.optional_roles)]
             datasets = f"datasets: {', '.join(roles)}"
-        target = "; every prompt needs a target" if method.needs_target else ""
+        target = ("; every prompt needs a target" if method.needs_target is True else
+                  f"; every {' and '.join(method.needs_target)} prompt needs a target" if method.needs_target else "")
         print(f"{name}: {datasets}{target}; writes {', '.join((*method.tables, 'metrics'))}")
         print(f"  params: {', '.join(f'{f.name}={f.default!r}' for f in dataclasses.fields(method.params))}")
     return 0

@@ -593,6 +593,8 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
         entry: Method = get_method(method.method)
         if entry.needs_target:
             for field, name in method.datasets_used().items():
+                if entry.needs_target is not True and field.removeprefix("datasets.") not in entry.needs_target:
+                    continue
                 untargeted = [p.id for p in prompts.get(name, []) if p.target is None]
                 if untargeted:
                     problems.append(
