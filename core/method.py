@@ -129,6 +129,8 @@ class Method:
     optional_roles: tuple[str, ...] = ()
     # check_model(params, num_experts, top_k) raises ValueError when the settings cannot run on a model
     check_model: Callable[[Any, int, int], None] | None = None
+    # check_datasets(params, {role: number of prompts}) raises ValueError when the settings cannot run on them
+    check_datasets: Callable[[Any, Mapping[str, int]], None] | None = None
 
     @property
     def metrics_kind(self) -> str:

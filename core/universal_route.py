@@ -113,11 +113,17 @@ def trailing_counts(tokenizer, prompts: Sequence[str]) -> list[int]:
 
 # ---- the split -----------------------------------------------------------------------------------
 
+def _check_datasets(params: UniversalParams, sizes: Mapping[str, int]) -> None:
+    """Manifest validation: the harmful dataset must leave at least one prompt held out."""
+    if params.train_prompts >= sizes.get("harmful", params.train_prompts + 1):
+        raise ValueError(f"universal_route.train_prompts is {params.train_prompts} but the dataset has "
+                         f"{sizes['harmful']} prompts: at least one must be left for the held-out split; "
+                         "lower train_prompts or add prompts")
+
+
 def split_prompts(prompts: Sequence[PromptLike], train: int, seed: int) -> tuple[list, list]:
     """(training, held-out): a seeded shuffle, the first `train` prompts train, all others are held out."""
-    if train >= len(prompts):
-        raise ValueError(f"universal_route.train_prompts is {train} but the dataset has {len(prompts)} prompts: "
-                         "at least one must be left for the held-out split; lower train_prompts or add prompts")
+    _check_datasets(UniversalParams(train_prompts=train, start_prompts=1), {"harmful": len(prompts)})
     order = sorted(prompts, key=lambda p: p.id)
     random.Random(seed).shuffle(order)
     training, heldout = order[:train], order[train:]
@@ -366,4 +372,5 @@ METHOD = Method(
     reduce=universal_metrics, tables=("universal_routes", "steer_experts", "generations"),
     roles=("harmful", "benign"),
     needs_target=("harmful",),  # the search optimises towards each training prompt's target reply
+    check_datasets=_check_datasets,
 )

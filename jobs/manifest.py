@@ -601,6 +601,14 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
                         f"methods[{i}].{field}: {method.method} needs a target reply for every prompt, but dataset "
                         f"{name!r} has {len(untargeted)} without one (e.g. {untargeted[0]!r}): map its target column "
                         f"in datasets.{name}.columns.target")
+        if entry.check_datasets is not None:
+            sizes = {role: len(prompts[name]) for role, name in method.roles().items() if name in prompts}
+            try:
+                entry.check_datasets(method.build_params(), sizes)
+            except ValueError as error:
+                field = next((f for f in method.params if re.search(rf"\b{re.escape(f)}\b", str(error))), None)
+                where = f"params.{field}: {method.params[field]!r} is" if field else "datasets are"
+                problems.append(f"methods[{i}].{where} not allowed with its datasets: {error}")
         if entry.check_model is not None:
             params = method.build_params()
             for model in manifest.models_for(method):

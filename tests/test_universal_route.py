@@ -281,3 +281,13 @@ def test_run_on_the_sandbox_then_resume_skips_finished_units(sandbox_dir, tmp_pa
     finally:
         ray.shutdown()
     assert math.isfinite(route["objective"])
+
+
+def test_validation_refuses_a_split_that_holds_nothing_out(sandbox_dir, tmp_path):
+    from jobs.manifest import ManifestError, check_manifest
+
+    manifest = load_manifest(MANIFEST.replace("train_prompts: 2", "train_prompts: 4"))
+    with pytest.raises(ManifestError, match=r"methods\[0\]\.params\.train_prompts: 4 is not allowed with its "
+                                            r"datasets: .*has 4 prompts: at least one must be left"):
+        check_manifest(manifest, out=str(tmp_path / "out"))
+    check_manifest(load_manifest(MANIFEST), out=str(tmp_path / "out"))  # 2 of 4 is fine
