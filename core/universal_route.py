@@ -153,6 +153,13 @@ def slots_of(steps: Sequence[Mapping]) -> Slots:
     return {(s["token"], s["layer"]): tuple(s["experts"]) for s in steps}
 
 
+def same_set(cands: torch.Tensor, current: tuple[int, ...] | None) -> torch.Tensor:
+    """(N,) bool: which candidates (N, k) are the set `current` already forced at the slot."""
+    if current is None:
+        return torch.zeros(len(cands), dtype=torch.bool)
+    return (cands.sort(dim=-1).values == torch.tensor(current)).all(dim=-1)
+
+
 def next_active(active: int, total: int, all_succeed: bool, stalled: bool) -> int | None:
     """The progressive rule: how many training prompts are active after a slot visit; None = stop."""
     if not (all_succeed or stalled):
@@ -212,7 +219,9 @@ def universal_search(lm: LoadedModel, train: Sequence[PromptLike], trailing: int
         cands = draw_candidates(generator, params.candidates, n_experts, k)  # (N, k)
         rows = current.scorer.score_rows(layer, masks, forced, cands)  # (R, N)
         evaluated += len(cands)
-        totals = rows.sum(0)
+        # a draw of the slot's current set is no change (in float32 it scores a rounding error
+        # above or below the route, which would reset the stall count with nothing changed)
+        totals = rows.sum(0).masked_fill(same_set(cands, slots.get((offset, layer))), -math.inf)
         best = int(totals.argmax())  # the earliest among equals, as F-SOUR
         if float(totals[best]) > float(per_prompt.sum()):
             slots[(offset, layer)] = tuple(sorted(cands[best].tolist()))

@@ -20,8 +20,8 @@ from core.models import load_model
 from core.routing import Route
 from core.schemas import build_table
 from core.store import ResultStore
-from core.universal_route import (BENIGN_JUDGE, UniversalParams, _ActiveSet, next_active, route_masks, split_prompts,
-                                  template_suffix, trailing_counts, universal_search)
+from core.universal_route import (BENIGN_JUDGE, UniversalParams, _ActiveSet, next_active, route_masks, same_set,
+                                  split_prompts, template_suffix, trailing_counts, universal_search)
 from jobs.manifest import load_manifest
 from jobs.runner import run_manifest
 
@@ -97,6 +97,12 @@ def test_the_split_is_seeded_and_disjoint():
     assert [p.id for p in split_prompts(prompts, 25, seed=7)[0]] != [p.id for p in train]
     with pytest.raises(ValueError, match="train_prompts is 30 but the dataset has 30 prompts"):
         split_prompts(prompts, 30, seed=42)
+
+
+def test_a_draw_of_the_current_set_is_no_candidate():
+    cands = torch.tensor([[3, 1], [1, 2], [1, 3], [0, 7]])
+    assert same_set(cands, (1, 3)).tolist() == [True, False, True, False]
+    assert same_set(cands, None).tolist() == [False] * 4
 
 
 def test_progressive_rule():
