@@ -62,6 +62,8 @@ class UniversalParams:
     threshold: float = field(default=0.8, metadata={
         "help": "a training prompt succeeds once Pr(target reply) reaches this"})
     max_steps: int = field(default=500, metadata={"help": "slot visits at most (a visit scores N candidates)"})
+    min_gain: float = field(default=1e-4, metadata={
+        "help": "a set is kept only if it raises the summed log-prob by more than this (float32 noise: ~1e-6)"})
     seed: int = field(default=42, metadata={"help": "seeds the train/held-out split and the candidate draws"})
     max_new_tokens: int = field(default=512, metadata={"help": "length of each judged answer"})
     steer_top_n: int = field(default=10, metadata={
@@ -78,6 +80,8 @@ class UniversalParams:
         if self.start_prompts > self.train_prompts:
             raise ValueError(f"universal_route.start_prompts ({self.start_prompts}) must not exceed "
                              f"train_prompts ({self.train_prompts})")
+        if not self.min_gain >= 0:
+            raise ValueError(f"universal_route.min_gain must be >= 0, got {self.min_gain}")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"universal_route.threshold must be in (0, 1], got {self.threshold}")
 
@@ -153,13 +157,6 @@ def slots_of(steps: Sequence[Mapping]) -> Slots:
     return {(s["token"], s["layer"]): tuple(s["experts"]) for s in steps}
 
 
-def same_set(cands: torch.Tensor, current: tuple[int, ...] | None) -> torch.Tensor:
-    """(N,) bool: which candidates (N, k) are the set `current` already forced at the slot."""
-    if current is None:
-        return torch.zeros(len(cands), dtype=torch.bool)
-    return (cands.sort(dim=-1).values == torch.tensor(current)).all(dim=-1)
-
-
 def next_active(active: int, total: int, all_succeed: bool, stalled: bool) -> int | None:
     """The progressive rule: how many training prompts are active after a slot visit; None = stop."""
     if not (all_succeed or stalled):
@@ -219,11 +216,9 @@ def universal_search(lm: LoadedModel, train: Sequence[PromptLike], trailing: int
         cands = draw_candidates(generator, params.candidates, n_experts, k)  # (N, k)
         rows = current.scorer.score_rows(layer, masks, forced, cands)  # (R, N)
         evaluated += len(cands)
-        # a draw of the slot's current set is no change (in float32 it scores a rounding error
-        # above or below the route, which would reset the stall count with nothing changed)
-        totals = rows.sum(0).masked_fill(same_set(cands, slots.get((offset, layer))), -math.inf)
+        totals = rows.sum(0)
         best = int(totals.argmax())  # the earliest among equals, as F-SOUR
-        if float(totals[best]) > float(per_prompt.sum()):
+        if float(totals[best]) > float(per_prompt.sum()) + params.min_gain:
             slots[(offset, layer)] = tuple(sorted(cands[best].tolist()))
             masks, forced = current.masks(lm, slots)
             per_prompt = rows[:, best]
