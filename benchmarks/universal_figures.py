@@ -76,8 +76,9 @@ def figures_block(root: str, run_id: str) -> str:
         cells = [cell(j, after) if before is None else f"{cell(j, before)} → {cell(j, after)}" for j in judges]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     slots = ", ".join(f"({s['token']}, layer {s['layer']}): {s['experts']}" for s in route["route"]) or "none"
-    lines += ["", f"The route forces {route['slots_forced']} of the {route['trailing_tokens']} trailing positions × "
-                  f"MoE layers slots ((position from the prompt's end, layer): experts): {slots}. The search used "
+    lines += ["", f"The route forces {route['slots_forced']} (position, layer) slots on the template's "
+                  f"{route['trailing_tokens']} trailing positions ((position from the prompt's end, layer): "
+                  f"experts): {slots}. The search used "
                   f"{len(route['prompts_used'])} of {len(route['train_prompt_ids'])} training prompts "
                   f"({len(route['heldout_prompt_ids'])} held out), {len(steps)} slot visits, {route['candidates']} "
                   f"candidates, {route['forwards']} forwards, {search:.0f} s; summed target log-prob "
