@@ -55,21 +55,27 @@ def transport_figures(stages, lm, batches, prompts, new_tokens: int, repeats: in
     (interleaved, so load from elsewhere hits both alike); CPU seconds each stage spent."""
     msgs = [lm.model.message(ids, logits_to_keep=1)[0] for ids in batches]
     stages.forward_many(msgs[:len(stages)])  # warm up every stage
-    sequential, pipelined, gen_whole, gen_piped, cpu = [], [], [], [], []
+    sequential, pipelined, gen_whole, gen_piped, cpu, answers = [], [], [], [], [], []
     for _ in range(repeats):
         t, seq_out = _timed(lambda: [stages.forward(m).hidden for m in msgs])
         sequential.append(t)
-        before = _stage_cpu(stages)
+        before, driver = _stage_cpu(stages), time.process_time()
         t, pipe_out = _timed(lambda: lm.model.forward_many(msgs))
+        driver = time.process_time() - driver
         pipelined.append(t)
-        cpu.append([b - a for a, b in zip(before, _stage_cpu(stages))])
+        cpu.append([b - a for a, b in zip(before, _stage_cpu(stages))] + [driver])
         for micro, times in ((1, gen_whole), (None, gen_piped)):
             lm.model.generate_micro_batches = micro
-            t, answers = _timed(lambda: lm.model.generate(prompts, max_new_tokens=new_tokens, pad_token_id=0))
+            t, out = _timed(lambda: lm.model.generate(prompts, max_new_tokens=new_tokens, pad_token_id=0))
             times.append(t)
+            answers.append(out)
     t_seq, t_pipe = min(sequential), min(pipelined)
+    *stage_cpu, driver_cpu = cpu[pipelined.index(t_pipe)]
+    # cores_used: CPU seconds the stages and the driver got per second of the pipelined run; on S idle
+    # cores it approaches S when the stages overlap, on a shared machine it shows the share they got
     return {"sequential_s": t_seq, "pipelined_s": t_pipe, "speedup_vs_sequential": t_seq / t_pipe,
-            "stage_cpu_s": min(cpu, key=max), "generate_whole_batch_s": min(gen_whole),
+            "stage_cpu_s": stage_cpu, "driver_cpu_s": driver_cpu, "cores_used": (sum(stage_cpu) + driver_cpu) / t_pipe,
+            "generate_whole_batch_s": min(gen_whole),
             "generate_pipelined_s": min(gen_piped), "generate_speedup": min(gen_whole) / min(gen_piped),
             "load_average": os.getloadavg()[0], "_outputs": (seq_out, pipe_out, answers)}
 
@@ -107,8 +113,8 @@ def pipeline(path: str, shards: int, micro: int, rows: int, tokens: int, dtype: 
     result: dict = {"shards": shards, "micro_batches": micro, "rows": rows, "tokens": tokens, "dtype": dtype,
                     "new_tokens": new_tokens, "bytes_unsharded": whole, "transports": {}}
     identical = True
-    shards_up = start_shards(entry, path)  # one set of shard processes for every transport
     try:
+        shards_up = start_shards(entry, path)  # one set of shard processes for every transport
         # plain calls first: a compiled graph, once built, keeps a loop running on its actors
         for kind in sorted(transports, key=["actors", "compiled"].index):
             stages = kinds[kind](lambda: shards_up)
@@ -118,7 +124,7 @@ def pipeline(path: str, shards: int, micro: int, rows: int, tokens: int, dtype: 
             result["bytes_per_shard"] = stages.param_bytes()
             seq_out, pipe_out, got = figures.pop("_outputs")
             identical &= all(torch.equal(p, r) and torch.equal(s, r) for p, s, r in zip(pipe_out, seq_out, reference))
-            identical &= torch.equal(got, answers)
+            identical &= all(torch.equal(a, answers) for a in got)
             result["transports"][kind] = figures
             if kind == "compiled":
                 stages.close()
@@ -224,7 +230,8 @@ def main() -> None:
     print(f"load average (1, 5, 15 min) at start {result['load_average_start']}, end {result['load_average_end']}")
     for kind, f in result.get("transports", {}).items():
         print(f"{kind}: pipelined {args.shards}-shard replica {f['speedup_vs_sequential']:.2f}x vs sequential "
-              f"({f['sequential_s']:.2f} s -> {f['pipelined_s']:.2f} s; stage CPU {f['stage_cpu_s']}), generation "
+              f"({f['sequential_s']:.2f} s -> {f['pipelined_s']:.2f} s; stage CPU {f['stage_cpu_s']}, cores used "
+              f"{f['cores_used']:.2f}), generation "
               f"{f['generate_speedup']:.2f}x ({f['generate_whole_batch_s']:.2f} s -> {f['generate_pipelined_s']:.2f} s)")
     if "identical" in result:
         print(f"identical: {result['identical']}; bytes per shard: {result['bytes_per_shard']} of "
