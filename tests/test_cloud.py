@@ -162,8 +162,9 @@ def classifier_manifests(tmp_path: Path, sandbox_dir: str) -> tuple[Path, Path]:
     tokenizer.save_pretrained(tmp_path / "cls")
     (tmp_path / "empty").mkdir()
     judge = "  cls: {{type: classifier, model_path: {path}, mode: sequence, device: cpu}}"
-    return (write(tmp_path, "judged", SANDBOX_ON_GPU_NODE, judges=judge.format(path=tmp_path / "cls"), judge="cls"),
-            write(tmp_path, "broken", SANDBOX_ON_GPU_NODE, judges=judge.format(path=tmp_path / "empty"), judge="cls"))
+    one_replica = SANDBOX_ON_GPU_NODE.replace("replicas: 2", "replicas: 1")  # one actor to start, not two
+    return (write(tmp_path, "judged", one_replica, judges=judge.format(path=tmp_path / "cls"), judge="cls"),
+            write(tmp_path, "broken", one_replica, judges=judge.format(path=tmp_path / "empty"), judge="cls"))
 
 
 def test_s3_model_planning_reads_config_only_and_a_node_downloads_once(tmp_path, s3_bucket, monkeypatch):
