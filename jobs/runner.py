@@ -605,7 +605,7 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
         store.write_run(run_id, manifest.model_copy(update={"run_id": run_id}).to_yaml(), manifest_hash=digest)
         try:
             summary = scheduler.run()
-        except RunError:  # a judge failed its check, or no node came: the run did not happen
+        except RunError:  # a judge failed its check, or no node came: the run stops unfinished
             store.finish_run(run_id, "failed")
             raise
         if lease.lost:
