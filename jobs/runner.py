@@ -123,7 +123,6 @@ def connect_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        use_ray_auth_token()
         _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
@@ -153,8 +152,20 @@ def _check_reachable(address: str) -> None:
 
 
 def _check_token_accepted(address: str, target: str) -> None:
-    """RunError saying a token is needed when the cluster's GCS refuses this process's credentials
-    (ray.init would retry for half a minute of warnings, then call the cluster unreachable)."""
+    """When the cluster's GCS refuses this process's credentials, send Ray's token from where Ray
+    keeps it (as `moesafe submit` does; Ray itself sends it only to a cluster it finds on its own),
+    and RunError saying a token is needed if that does not do (ray.init would retry for half a
+    minute of warnings, then call the cluster unreachable). A cluster without token authentication
+    gets none: there, a driver switched to token mode saw every actor it started die at once."""
+    if _gcs_refuses(target):
+        use_ray_auth_token()
+        if _gcs_refuses(target):
+            raise RunError(TOKEN_HELP.format(address=address))
+
+
+def _gcs_refuses(target: str) -> bool:
+    """Whether the GCS at `target` answers UNAUTHENTICATED to this process's credentials (anything
+    else is left to ray.init to report)."""
     import grpc
     from ray._private.authentication.grpc_authentication_client_interceptor import \
         _get_authentication_metadata_tuple
@@ -166,9 +177,8 @@ def _check_token_accepted(address: str, target: str) -> None:
                 gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S,
                 metadata=_get_authentication_metadata_tuple())
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise RunError(TOKEN_HELP.format(address=address)) from None
-            # anything else: ray.init reports it
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
 
 
 class Scheduler:
