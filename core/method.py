@@ -138,7 +138,13 @@ class Method:
 
     def stages(self, ctx: PlanContext) -> Iterator[list[WorkUnit]]:
         yield from self.plan(ctx)
-        yield [ctx.unit(self.metrics_kind, on_driver=True)]
+        yield [self.metrics_unit(ctx)]
+
+    def metrics_unit(self, ctx: PlanContext) -> WorkUnit:
+        """The last stage: `metrics` rows, which carry the model's path and revision so rows of two
+        runs (two checkpoints under one name) can be told apart and matched."""
+        source = {"path": ctx.model_key.get("path"), "revision": ctx.model_key.get("revision")}
+        return ctx.unit(self.metrics_kind, on_driver=True, model_source=source)
 
     def kind(self, name: str) -> UnitKind:
         if name == self.metrics_kind:
@@ -150,7 +156,9 @@ class Method:
 
     def _metrics(self, unit: WorkUnit, read: Read, params: Any) -> Rows:
         hashed = params_hash(params.to_json())
-        return {"metrics": [{**row, "method": self.name, "judge": judge, "params_hash": hashed}
+        source = unit.payload["model_source"]
+        return {"metrics": [{**row, "method": self.name, "judge": judge, "params_hash": hashed,
+                             "model_path": source["path"], "revision": source["revision"]}
                             for judge in unit.payload["judges"]
                             for row in self.reduce(read, unit.payload["datasets"], judge)]}
 

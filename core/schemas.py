@@ -223,8 +223,9 @@ _ALL = [
         _col("verdicts", pa.list_(_VERDICT)),    # every judge of the method entry, the deciding one first
         _col("scope", pa.string(), nullable=True),   # null when no route mask was applied
     ], masked=False),
-    # v2: `judge` and `params_hash`, one row per (method entry's settings, judge, metric)
-    _table("metrics", 2, "aggregate numbers, e.g. ASR or refusal rate, one row per judge", [
+    # v2: `judge` and `params_hash`, one row per (method entry's settings, judge, metric);
+    # v3: `model_path` and `revision`, the model behind the manifest's name
+    _table("metrics", 3, "aggregate numbers, e.g. ASR or refusal rate, one row per judge", [
         *_KEY,
         _col("dataset", pa.string(), nullable=True),
         _col("method", pa.string()),
@@ -233,6 +234,8 @@ _ALL = [
         _col("metric", pa.string()),
         _col("value", pa.float64()),
         _col("n", pa.int64()),
+        _col("model_path", pa.string(), nullable=True),  # the manifest's path: local dir, hub id or s3://
+        _col("revision", pa.string(), nullable=True),    # the hub revision pinned, null when none
         _SCHEMA_VERSION,
     ]),
 ]
