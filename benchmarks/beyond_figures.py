@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="store_true", help="run (or finish) manifests/beyond.yaml into --out first")
     ap.add_argument("--readme", default=str(REPO / "README.md"), help="the file whose marked block is rewritten")
     ap.add_argument("--print", action="store_true", help="print the block instead of writing the README")
+    ap.add_argument("--run-id", help="read this run instead of the manifest's own (e.g. one stored before the "
+                                     "manifest changed)")
     args = ap.parse_args(argv)
     try:
-        run_id = load_manifest(MANIFEST).run_id
+        run_id = args.run_id or load_manifest(MANIFEST).run_id
         run = finished_run(args.out, run_id)
         if run is None and args.run:
             subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(MANIFEST), "--out", args.out],

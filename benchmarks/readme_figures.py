@@ -196,7 +196,7 @@ def machine() -> str:
 
 
 def replace_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put `block` (which starts with `begin` and ends with `end`) where those markers are in `readme`."""
+    """Rewrite the block of `readme` from the `begin` marker to the `end` marker with `block`."""
     text = readme.read_text(encoding="utf-8")
     if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
         raise FiguresError(f"{readme} needs exactly one block between {begin!r} and {end!r} (in that order) "
