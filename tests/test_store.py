@@ -78,6 +78,12 @@ SAMPLE_ROWS: dict[str, list[dict]] = {
              route=[{"layer": 0, "token": 3, "experts": [1, 2]}], off_natural=1, decisions=800, monitor_score=0.00125,
              joint_logprob=-0.1, jailbroken=True, score=1.0, judge="refusal", scope="prompt", params={"fpr": 0.01}),
     ],
+    "universal_routes": [
+        dict(dataset="harmful", route=[{"layer": 0, "token": -1, "experts": [1, 7]}], slots_forced=1,
+             trailing_tokens=2, train_prompt_ids=["h-3", "h-1"], heldout_prompt_ids=["h-2"], prompts_used=["h-3"],
+             prompt_logprobs=[-0.5], objective=-0.5, step_objective=[-2.0, -0.5], step_active=[1, 1], forwards=12,
+             candidates=200, seconds=1.5, scope="prompt", params={"train_prompts": 2}),
+    ],
     "steer_experts": [
         dict(dataset="pairs", layer=1, expert=6, p1=0.3, p2=0.1, delta=0.2, rank=0, params={"epsilon": 0.01}),
     ],
