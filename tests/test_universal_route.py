@@ -208,7 +208,7 @@ def test_reducer_counts_each_split_and_condition():
     params = UniversalParams()
     ctx = PlanContext({"name": "m"}, "universal_route", params, ("a",), {}, {"harmful": "harm", "benign": "ben"},
                       8, 50, 4, lambda name: tables.get(name, []))
-    unit = ctx.unit(method.metrics_kind, on_driver=True)
+    unit = method.metrics_unit(ctx)
     rows = method.kind(unit.kind).run(unit, ctx.read, params)["metrics"]
     build_table("metrics", rows, **KEY)
     found = {(r["dataset"], r["metric"]): (r["value"], r["n"]) for r in rows}
