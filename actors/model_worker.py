@@ -49,6 +49,10 @@ class ModelWorker:
             self.stages = RayStages(lambda: start_shards(model, path, placement_group))
             self.lm = sharded_loaded_model(path, self.stages, name=model["name"],
                                            trust_remote_code=model.get("trust_remote_code", False))
+            if not model.get("num_gpus") or model.get("device") == "cpu":
+                # on CPU a decode step of a small model is shorter than a Ray round trip: splitting
+                # generation into micro-batches measured 0.47x on the sandbox (BENCHMARKS.md)
+                self.lm.model.generate_micro_batches = 1
         else:
             self.lm = load_model(path, name=model["name"], dtype=model["dtype"], device_map=model.get("device_map"),
                                  experts_implementation=model.get("experts_implementation"),

@@ -4,6 +4,8 @@
 ObjectRefs (hidden states go stage to stage through the object store, never via the driver), and
 `forward_many` submits every micro-batch before waiting, so stage i works on micro-batch m while
 stage i+1 works on m-1. The methods drive it through `sharded_loaded_model`, unchanged.
+`CompiledStages` is the same replica driven through a Ray Compiled Graph (channels between the
+stage actors set up once, instead of a task per call); benchmarks/pipeline_bench.py measures both.
 
 Shard actors do not restart on their own: a shard that dies has lost its KV caches and the
 replica's state with it, so the whole replica is rebuilt (`RayStages.rebuild`) and the unit in
@@ -12,6 +14,7 @@ unit has finished, so nothing is lost or written twice.
 """
 from __future__ import annotations
 
+import collections
 from typing import Any, Mapping, Sequence
 
 import ray
@@ -73,17 +76,23 @@ class RayStages:
         self._start = start  # () -> list of ShardWorker handles, also used to rebuild
         self.actors = start()
 
-    def _submit(self, msg: StageMessage):
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def submit(self, msg: StageMessage) -> ray.ObjectRef:
         ref = msg
         for actor in self.actors:
             ref = actor.run.remote(ref)  # an ObjectRef argument is resolved on the actor's node
         return ref
 
+    def result(self, ticket: ray.ObjectRef) -> StageMessage:
+        return ray.get(ticket)
+
     def forward(self, msg: StageMessage) -> StageMessage:
-        return ray.get(self._submit(msg))
+        return self.result(self.submit(msg))
 
     def forward_many(self, msgs: Sequence[StageMessage]) -> list[StageMessage]:
-        return ray.get([self._submit(m) for m in msgs])  # all submitted ahead: the stages overlap
+        return ray.get([self.submit(m) for m in msgs])  # all submitted ahead: the stages overlap
 
     def branch_cache(self, source: int, target: int, moe_layer: int, rows: int) -> None:
         ray.get([a.branch_cache.remote(source, target, moe_layer, rows) for a in self.actors])
@@ -103,3 +112,44 @@ class RayStages:
 
     def param_bytes(self) -> list[int]:
         return ray.get([a.param_bytes.remote() for a in self.actors])
+
+
+class CompiledStages(RayStages):
+    """The stages of one replica driven through a Ray Compiled Graph: stage i's `run` output goes
+    to stage i+1 over a channel set up once, with no task submitted per call. At most `in_flight`
+    messages are on their way at once (the graph's buffers); `forward_many` keeps that many going.
+    Cache calls (`branch_cache`, `free_caches`) stay plain actor calls."""
+
+    def __init__(self, start, in_flight: int = 8):
+        self.in_flight = in_flight
+        super().__init__(start)
+        self._compile()
+
+    def _compile(self) -> None:
+        from ray.dag import InputNode
+
+        with InputNode() as message:
+            node = message
+            for actor in self.actors:
+                node = actor.run.bind(node)
+        self._graph = node.experimental_compile(_max_inflight_executions=self.in_flight)
+
+    def submit(self, msg: StageMessage):
+        return self._graph.execute(msg)
+
+    def forward_many(self, msgs: Sequence[StageMessage]) -> list[StageMessage]:
+        out, pending = [], collections.deque()
+        for msg in msgs:
+            if len(pending) == self.in_flight:
+                out.append(self.result(pending.popleft()))
+            pending.append(self.submit(msg))
+        return out + [self.result(ref) for ref in pending]
+
+    def rebuild(self) -> None:
+        self.close()
+        super().rebuild()
+        self._compile()
+
+    def close(self) -> None:
+        """Tear the graph and its actors down (a replica being rebuilt or shut down)."""
+        self._graph.teardown(kill_actors=True)

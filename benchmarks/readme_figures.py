@@ -177,13 +177,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def replace_block(readme: Path, block: str) -> None:
+def replace_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Rewrite the block of `readme` from the `begin` marker to the `end` marker with `block`."""
     text = readme.read_text(encoding="utf-8")
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise FiguresError(f"{readme} needs exactly one block between {BEGIN!r} and {END!r} (in that order) "
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise FiguresError(f"{readme} needs exactly one block between {begin!r} and {end!r} (in that order) "
                            f"for the figures to go in")
-    before, rest = text.split(BEGIN)
-    after = rest.split(END, 1)[1]
+    before, rest = text.split(begin)
+    after = rest.split(end, 1)[1]
     readme.write_text(before + block + after, encoding="utf-8")
 
 

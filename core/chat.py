@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
@@ -46,25 +46,29 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
 
 @torch.inference_mode()
 def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                   max_new_tokens: int = 128) -> list[str]:
+                   max_new_tokens: int = 128, around: Callable[[int], ContextManager] | None = None) -> list[str]:
     """Greedy answers to `prompts` as ONE left-padded batch, rows in the order given.
 
     Use this inside `RouteControl.record()` or per-row routes: batch row i is prompts[i].
+    `around(width)`, given the padded prompt width, is a context entered around the generation
+    (e.g. a route on every prompt's last positions, which left padding puts in the last columns).
     """
     batch = encode_chat(tokenizer, prompts).to(model.device)
-    output_ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id)  # (rows, prompt_len + new)
+    with around(batch["input_ids"].shape[1]) if around is not None else contextlib.nullcontext():
+        output_ids = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)  # (rows, prompt_len + new)
     new_ids = output_ids[:, batch["input_ids"].shape[1]:]  # (rows, new)
     return tokenizer.batch_decode(new_ids, skip_special_tokens=True)
 
 
 def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                    max_new_tokens: int = 128, batch_size: int = 16) -> list[str]:
+                    max_new_tokens: int = 128, batch_size: int = 16,
+                    around: Callable[[int], ContextManager] | None = None) -> list[str]:
     """Greedy answers to `prompts` (one user turn each), without the prompt and special tokens.
 
     Prompts are batched by length (longest first, so a batch that does not fit in memory fails
     early) to keep padding small; a batch that runs out of memory is split (core.batching).
-    Answers come back in the order of `prompts`.
+    Answers come back in the order of `prompts`. `around`: as in `generate_batch`, per batch.
     """
     ensure_pad_token(tokenizer)
     texts = render_chat(tokenizer, prompts)
@@ -72,7 +76,7 @@ def generate_greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
 
     def answer(rows: Sequence[int]) -> list[tuple[int, str]]:
-        return list(zip(rows, generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens)))
+        return list(zip(rows, generate_batch(model, tokenizer, [prompts[i] for i in rows], max_new_tokens, around)))
 
     answers: list[str] = [""] * len(prompts)
     for batch in split_on_oom(answer, order, batch_size):

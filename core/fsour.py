@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from core.batching import split_on_oom
-from core.chat import encode_chat, generation_rows, judged_answers
+from core.chat import ensure_pad_token, generation_rows, judged_answers, render_chat
 from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, prompt_dicts, rate, records,
                          verdicts_of)
 from core.models import LoadedModel
@@ -73,20 +73,55 @@ class FsourRun:
 
 @dataclass(frozen=True)
 class _Problem:
-    """A tokenised prompt and target: `full` = chat(prompt) + target tokens."""
+    """Tokenised prompts and targets, one per row: `full` = chat(prompt) + target tokens.
 
-    full: torch.Tensor  # (1, P + Y)
+    F-SOUR scores one prompt (R = 1, no padding); a universal route (core/universal_route.py)
+    scores R prompts at once. Then each prompt is left-padded to P and each target right-padded
+    to Y, so that every prompt ends at the same column P and the target starts there."""
+
+    full: torch.Tensor  # (R, P + Y)
     prompt_len: int  # P
-    target: torch.Tensor  # (Y,)
+    target: torch.Tensor  # (R, Y)
+    target_mask: torch.Tensor | None = None  # (R, Y) 1 at real target tokens; None: no padding
+    attention_mask: torch.Tensor | None = None  # (R, P + Y); None: no padding
+    position_ids: torch.Tensor | None = None  # (R, P + Y), counted over real tokens only
+
+    @property
+    def rows(self) -> int:
+        return self.full.shape[0]
+
+    def inputs(self, start: int, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """The padding arguments of a forward over columns [start, stop) after a cache of `start`
+        columns (nothing without padding). Route control's `expand_at` repeats them per candidate."""
+        if self.attention_mask is None:
+            return {}
+        stop = self.full.shape[1] if stop is None else stop
+        return {"attention_mask": self.attention_mask[:, :stop], "position_ids": self.position_ids[:, start:stop]}
+
+
+def encode_problem(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> _Problem:
+    """chat(prompt) + target per row; left/right padded only when the rows differ in length."""
+    tokenizer = lm.tokenizer
+    ensure_pad_token(tokenizer)
+    prompt_ids = tokenizer(render_chat(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    if not all(target_ids):
+        raise ValueError("F-SOUR needs a non-empty target reply (the dataset's `target` column)")
+    p, y = max(map(len, prompt_ids)), max(map(len, target_ids))
+    pad = tokenizer.pad_token_id
+    full = torch.tensor([[pad] * (p - len(a)) + a + b + [pad] * (y - len(b)) for a, b in zip(prompt_ids, target_ids)])
+    target = full[:, p:]  # (R, Y)
+    if all(len(a) == p for a in prompt_ids) and all(len(b) == y for b in target_ids):
+        return _Problem(full.to(lm.device), p, target.to(lm.device))
+    real = torch.tensor([[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (y - len(b))
+                         for a, b in zip(prompt_ids, target_ids)])  # (R, P + Y)
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    return _Problem(full.to(lm.device), p, target.to(lm.device), real[:, p:].to(lm.device), real.to(lm.device),
+                    positions.to(lm.device))
 
 
 def _encode(lm: LoadedModel, prompt: str, target: str) -> _Problem:
-    ids = encode_chat(lm.tokenizer, [prompt])["input_ids"]  # (1, P)
-    target_ids = lm.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"][0]  # (Y,)
-    if target_ids.numel() == 0:
-        raise ValueError("F-SOUR needs a non-empty target reply (the dataset's `target` column)")
-    full = torch.cat([ids[0], target_ids])[None].to(lm.device)
-    return _Problem(full, ids.shape[1], target_ids.to(lm.device))
+    return encode_problem(lm, [prompt], [target])
 
 
 def draw_candidates(generator: torch.Generator, n: int, num_experts: int, k: int) -> torch.Tensor:
@@ -94,11 +129,13 @@ def draw_candidates(generator: torch.Generator, n: int, num_experts: int, k: int
     return torch.rand(n, num_experts, generator=generator).argsort(dim=-1)[:, :k]
 
 
-def _joint_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σ_k log p(Y_k | prefix) per row. logits: (B, Y + 1, V) for positions P-1 .. P+Y-1."""
+def _joint_logprob(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_k log p(Y_k | prefix) per row. logits: (B, Y + 1, V) for positions P-1 .. P+Y-1; target
+    (Y,) or (B, Y); mask (B, Y): 1 at real target tokens (padding counts nothing)."""
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (B, Y, V)
     logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, target.expand(logits.shape[0], -1)[..., None]).squeeze(-1).sum(-1)  # (B,)
+    picked = logp.gather(-1, target.expand(logits.shape[0], -1)[..., None]).squeeze(-1)  # (B, Y)
+    return (picked if mask is None else picked * mask).sum(-1)  # (B,)
 
 
 class _Scorer:
@@ -107,7 +144,7 @@ class _Scorer:
     def __init__(self, lm: LoadedModel, problem: _Problem, candidate_batch: int):
         self.lm, self.problem, self.candidate_batch = lm, problem, candidate_batch
         self.forwards = 0
-        self.keep = problem.target.numel() + 1  # logits needed: positions P-1 .. P+Y-1
+        self.keep = problem.target.shape[1] + 1  # logits needed: positions P-1 .. P+Y-1
 
     def _route(self, masks: torch.Tensor, forced: Sequence[int], layer: int | None = None,
                candidate_masks: torch.Tensor | None = None, t: int = 0) -> Route:
@@ -120,13 +157,17 @@ class _Scorer:
         return Route(masks=table)
 
     @torch.inference_mode()
-    def route_score(self, masks: torch.Tensor, forced: Sequence[int]) -> float:
-        """JointLP(full | route), one full forward."""
+    def route_scores(self, masks: torch.Tensor, forced: Sequence[int]) -> torch.Tensor:
+        """JointLP(full | route) per row (R,), one full forward."""
         lm, p = self.lm, self.problem
         with lm.control.prompt_length(p.prompt_len), lm.control.apply(self._route(masks, forced)):
-            logits = lm.model(p.full, logits_to_keep=self.keep).logits
+            logits = lm.model(p.full, **p.inputs(0), logits_to_keep=self.keep).logits
         self.forwards += 1
-        return float(_joint_logprob(logits, p.target)[0])
+        return _joint_logprob(logits, p.target, p.target_mask)
+
+    def route_score(self, masks: torch.Tensor, forced: Sequence[int]) -> float:
+        """JointLP(full | route) summed over the rows."""
+        return float(self.route_scores(masks, forced).sum())
 
     def begin_position(self, t: int, masks: torch.Tensor, forced: Sequence[int]) -> None:
         pass
@@ -136,7 +177,10 @@ class _Scorer:
 
 
 class BatchedScorer(_Scorer):
-    """Candidates as batch rows; positions < t and layers < l computed once and shared."""
+    """Candidates as batch rows; positions < t and layers < l computed once and shared.
+
+    With R prompts (a universal route) the rows are prompts x candidates: prompt r's state is
+    computed once and repeated for each candidate (row r * n + i holds candidate i)."""
 
     def begin_position(self, t: int, masks: torch.Tensor, forced: Sequence[int]) -> None:
         self.t, self.prefix = t, None
@@ -145,27 +189,34 @@ class BatchedScorer(_Scorer):
         lm, p = self.lm, self.problem
         with torch.inference_mode(), lm.control.prompt_length(p.prompt_len), \
                 lm.control.apply(self._route(masks, forced)):
-            self.prefix = lm.model(p.full[:, :t], use_cache=True, logits_to_keep=1).past_key_values
+            self.prefix = lm.model(p.full[:, :t], **p.inputs(0, t), use_cache=True,
+                                   logits_to_keep=1).past_key_values
         self.forwards += 1
 
-    @torch.inference_mode()
     def score(self, layer: int, masks: torch.Tensor, forced: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
-        lm, p, t = self.lm, self.problem, self.t
+        """JointLP of each candidate (N,), summed over the prompts."""
+        return self.score_rows(layer, masks, forced, cands).sum(0)
+
+    @torch.inference_mode()
+    def score_rows(self, layer: int, masks: torch.Tensor, forced: Sequence[int], cands: torch.Tensor) -> torch.Tensor:
+        """JointLP (R, N): prompt r with candidate i (N, k) forced at (layer, t) on top of the route."""
+        lm, p, t, r = self.lm, self.problem, self.t, self.problem.rows
         control = lm.control
         cand_masks = mask_allowing(cands.to(masks.device), control.num_experts)  # (N, E)
 
         def score_chunk(chunk: torch.Tensor) -> torch.Tensor:
             n = chunk.shape[0]
-            past = None if self.prefix is None else control.branch_cache(self.prefix, layer, n)
-            route = self._route(masks, forced, layer, chunk, t)
-            with control.prompt_length(p.prompt_len), control.apply(route), control.expand_at(layer, n):
-                logits = lm.model(p.full[:, t:], past_key_values=past, use_cache=past is not None,
-                                  logits_to_keep=self.keep).logits  # (n, Y + 1, V)
+            past = None if self.prefix is None else control.branch_cache(self.prefix, layer, r * n)
+            route = self._route(masks, forced, layer, chunk.repeat(r, 1), t)  # row r * n + i: candidate i
+            with control.prompt_length(p.prompt_len), control.apply(route), control.expand_at(layer, r * n):
+                logits = lm.model(p.full[:, t:], **p.inputs(t), past_key_values=past,
+                                  use_cache=past is not None, logits_to_keep=self.keep).logits  # (r * n, Y + 1, V)
             self.forwards += 1
-            return _joint_logprob(logits, p.target)
+            mask = None if p.target_mask is None else p.target_mask.repeat_interleave(n, 0)
+            return _joint_logprob(logits, p.target.repeat_interleave(n, 0), mask).view(r, n)
 
         # candidate_batch bounds memory only: a chunk that does not fit is split and retried
-        return torch.cat(split_on_oom(score_chunk, cand_masks, self.candidate_batch))
+        return torch.cat(split_on_oom(score_chunk, cand_masks, self.candidate_batch), dim=1)
 
 
 class SerialScorer(_Scorer):

@@ -124,11 +124,13 @@ class Method:
     units: Mapping[str, UnitKind]  # kind -> how it runs
     reduce: Reducer  # fills `metrics`, once per judge, in a last stage of its own
     tables: tuple[str, ...]  # result tables its units write (besides metrics)
-    needs_target: bool = False  # every prompt needs a target reply
+    needs_target: bool | tuple[str, ...] = False  # every prompt needs a target reply (a tuple: of those roles)
     roles: tuple[str, ...] = ("dataset",)  # dataset roles: ("dataset",) is `dataset: name`
     optional_roles: tuple[str, ...] = ()
     # check_model(params, num_experts, top_k) raises ValueError when the settings cannot run on a model
     check_model: Callable[[Any, int, int], None] | None = None
+    # check_datasets(params, {role: number of prompts}) raises ValueError when the settings cannot run on them
+    check_datasets: Callable[[Any, Mapping[str, int]], None] | None = None
 
     @property
     def metrics_kind(self) -> str:
@@ -136,7 +138,13 @@ class Method:
 
     def stages(self, ctx: PlanContext) -> Iterator[list[WorkUnit]]:
         yield from self.plan(ctx)
-        yield [ctx.unit(self.metrics_kind, on_driver=True)]
+        yield [self.metrics_unit(ctx)]
+
+    def metrics_unit(self, ctx: PlanContext) -> WorkUnit:
+        """The last stage: `metrics` rows, which carry the model's path and revision so rows of two
+        runs (two checkpoints under one name) can be told apart and matched."""
+        source = {"path": ctx.model_key.get("path"), "revision": ctx.model_key.get("revision")}
+        return ctx.unit(self.metrics_kind, on_driver=True, model_source=source)
 
     def kind(self, name: str) -> UnitKind:
         if name == self.metrics_kind:
@@ -148,7 +156,9 @@ class Method:
 
     def _metrics(self, unit: WorkUnit, read: Read, params: Any) -> Rows:
         hashed = params_hash(params.to_json())
-        return {"metrics": [{**row, "method": self.name, "judge": judge, "params_hash": hashed}
+        source = unit.payload["model_source"]
+        return {"metrics": [{**row, "method": self.name, "judge": judge, "params_hash": hashed,
+                             "model_path": source["path"], "revision": source["revision"]}
                             for judge in unit.payload["judges"]
                             for row in self.reduce(read, unit.payload["datasets"], judge)]}
 

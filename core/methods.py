@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "rosais": "core.rosais",
     "safex": "core.safex",
     "steermoe": "core.steermoe",
+    "universal_route": "core.universal_route",
 }
 
 

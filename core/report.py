@@ -7,8 +7,8 @@ the tables and renders what these functions return.
 Columns that later schema versions add are read when present: `metrics.judge` (several judges
 per method; without the column a metric row belongs to its method's one judge, named from the
 run's manifest), `units.reused_from` (the store's mark of a unit copied from an earlier run; also
-`units.status == "reused"` or `units.reused`), and a model's `revision` (from
-the manifest, or a `revision` column).
+`units.status == "reused"` or `units.reused`), a model's `revision` (from
+the manifest, or a `revision` column) and `metrics.model_path` (v3: which model a name stood for).
 """
 from __future__ import annotations
 
@@ -251,9 +251,16 @@ def asr_table(judged: Sequence[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
+def model_source(row: Mapping[str, Any]) -> str | None:
+    """"path@revision" of a `metrics` row's model (v3 columns; None in older rows)."""
+    path = row.get("model_path")
+    return f"{path}@{row['revision']}" if path and row.get("revision") else path
+
+
 def metric_deltas(judged: Sequence[Mapping[str, Any]], run_a: str, run_b: str) -> list[dict]:
     """Every (model, method, dataset, judge, metric) of runs A and B: both rows (or None when one
-    run lacks it) and delta = B - A."""
+    run lacks it), delta = B - A, and `sources` ("A's path → B's path") when the model's name
+    stands for another path or revision in B (e.g. a new checkpoint), else None."""
     by_key: dict[tuple, dict[str, Mapping]] = defaultdict(dict)
     for r in judged:
         if r["run_id"] in (run_a, run_b):
@@ -262,7 +269,10 @@ def metric_deltas(judged: Sequence[Mapping[str, Any]], run_a: str, run_b: str) -
     for key, runs in sorted(by_key.items(), key=lambda kv: tuple(map(str, kv[0]))):
         a, b = runs.get(run_a), runs.get(run_b)
         delta = b["value"] - a["value"] if a and b else None
-        out.append(dict(zip(("model", "method", "dataset", "judge", "metric"), key), a=a, b=b, delta=delta))
+        sources = (model_source(a), model_source(b)) if a and b else (None, None)
+        moved = f"{sources[0]} → {sources[1]}" if all(sources) and sources[0] != sources[1] else None
+        out.append(dict(zip(("model", "method", "dataset", "judge", "metric"), key), a=a, b=b, delta=delta,
+                        sources=moved))
     return out
 
 

@@ -265,11 +265,13 @@ class RouteControl(ScopedInterventions):
     # ---- public interventions: apply, record, prompt_length (ScopedInterventions) and ----------
     @contextlib.contextmanager
     def expand_at(self, moe_layer: int, rows: int) -> Iterator[None]:
-        """Run the layers below `moe_layer` once on a batch of 1, then continue as `rows` rows.
+        """Run the layers below `moe_layer` once on the forward's b rows, then continue as `rows` rows.
 
         This is how candidates share work: the hidden states entering the layer are computed
-        once and copied, so each row can carry its own route from that layer on. A KV cache
-        passed to such a forward must have `rows` rows from that layer on (`branch_cache`)."""
+        once and copied, so each row can carry its own route from that layer on. With b > 1 (several
+        prompts, e.g. a universal route's training prompts) each row is repeated rows / b times in
+        place (row r becomes rows r*n .. r*n+n-1), and so are its attention mask and positions. A KV
+        cache passed to such a forward must have `rows` rows from that layer on (`branch_cache`)."""
         prev, self._expand = self._expand, (self.layers[moe_layer].decoder_index, rows)
         try:
             yield
@@ -287,7 +289,8 @@ class RouteControl(ScopedInterventions):
             self._token_ids = prev
 
     def branch_cache(self, cache, moe_layer: int, rows: int):
-        """A copy of a batch-1 KV cache whose layers from `moe_layer` on have `rows` rows.
+        """A copy of a KV cache of b rows whose layers from `moe_layer` on have `rows` rows (each row
+        repeated rows / b times in place, as `expand_at` repeats the hidden states).
 
         Layers below keep sharing the original tensors; the original is never modified (the
         dynamic cache appends by concatenation)."""
@@ -297,8 +300,7 @@ class RouteControl(ScopedInterventions):
         for layer in new.layers[start:]:
             if layer.keys is None:  # a layer held by another pipeline stage (DummyLayer)
                 continue
-            layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+            layer.keys, layer.values = _repeat_rows(layer.keys, rows), _repeat_rows(layer.values, rows)
         return new
 
     def remove(self) -> None:
@@ -353,14 +355,21 @@ class RouteControl(ScopedInterventions):
 
     def _expand_hook(self, decoder_index: int):
         def hook(module, args, kwargs):
-            if self._expand is None or self._expand[0] != decoder_index:
+            if self._expand is None:
                 return None
-            rows = self._expand[1]
+            branch, rows = self._expand
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if decoder_index == branch:
+                hidden = _repeat_rows(hidden, rows).contiguous()
+            elif decoder_index < branch:
+                return None
+            # The model computed its attention mask and positions once, for its b input rows: from
+            # the branch on, every block needs them per row (b = 1 broadcasts and is left alone).
+            kwargs = {**kwargs, **{name: _repeat_rows(kwargs[name], rows, single=False) for name in _PER_ROW_KWARGS
+                                   if kwargs.get(name) is not None}}
             if args:
-                hidden = args[0]
-                return (hidden.expand(rows, *hidden.shape[1:]).contiguous(), *args[1:]), kwargs
-            hidden = kwargs["hidden_states"]
-            return args, {**kwargs, "hidden_states": hidden.expand(rows, *hidden.shape[1:]).contiguous()}
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
         return hook
 
     def _terms(self, table: Mapping[int, torch.Tensor], layer: int, fwd: _Forward,
@@ -412,6 +421,25 @@ class RouteControl(ScopedInterventions):
                 rec._add(layer, indices.reshape(b, s, -1), fwd)
             return output
         return hook
+
+
+# Decoder-block arguments that carry one entry per batch row (tuples: rotary cos and sin).
+_PER_ROW_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def _repeat_rows(x, rows: int, single: bool = True):
+    """`x` (b, ...) as `rows` rows, each row repeated rows / b times in place; a batch of 1 is
+    expanded (a view) if `single`, else left to broadcast; a tensor that already has `rows` rows
+    (or is not a tensor) is returned as is."""
+    if isinstance(x, tuple):
+        return tuple(_repeat_rows(part, rows, single) for part in x)
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == rows:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(rows, *x.shape[1:]) if single else x
+    if rows % x.shape[0]:
+        raise ValueError(f"cannot branch {x.shape[0]} rows into {rows}: rows must be a multiple of them")
+    return x.repeat_interleave(rows // x.shape[0], dim=0)
 
 
 def _steer(z: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:

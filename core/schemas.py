@@ -186,6 +186,22 @@ _ALL = [
         _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
         _col("prompt_tokens", pa.int32(), nullable=True),  # P, the chat-templated prompt's length; null: pre-check
     ], masked=True),
+    _method_table("universal_routes", 1, "universal route: one row per search (dataset x settings)", [
+        _col("dataset", pa.string()),
+        _col("route", pa.list_(_ROUTE_STEP)),     # token: position from the prompt's end (-1 = last)
+        _col("slots_forced", pa.int32()),         # (position, layer) slots the route forces
+        _col("trailing_tokens", pa.int32()),      # m: the template's tokens after the user's content
+        _col("train_prompt_ids", pa.list_(pa.string())),    # the training split, in the order prompts are added
+        _col("heldout_prompt_ids", pa.list_(pa.string())),  # the held-out split (disjoint from training)
+        _col("prompts_used", pa.list_(pa.string())),        # training prompts active when the search ended
+        _col("prompt_logprobs", pa.list_(pa.float64())),    # their joint log-probs under the route
+        _col("objective", pa.float64()),          # their sum
+        _col("step_objective", pa.list_(pa.float64())),     # the summed objective after each slot visit
+        _col("step_active", pa.list_(pa.int32())),          # active training prompts at each visit
+        _col("forwards", pa.int64()),
+        _col("candidates", pa.int64()),
+        _col("seconds", pa.float64()),
+    ], masked=True),
     _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking", [
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),
@@ -207,8 +223,9 @@ _ALL = [
         _col("verdicts", pa.list_(_VERDICT)),    # every judge of the method entry, the deciding one first
         _col("scope", pa.string(), nullable=True),   # null when no route mask was applied
     ], masked=False),
-    # v2: `judge` and `params_hash`, one row per (method entry's settings, judge, metric)
-    _table("metrics", 2, "aggregate numbers, e.g. ASR or refusal rate, one row per judge", [
+    # v2: `judge` and `params_hash`, one row per (method entry's settings, judge, metric);
+    # v3: `model_path` and `revision`, the model behind the manifest's name
+    _table("metrics", 3, "aggregate numbers, e.g. ASR or refusal rate, one row per judge", [
         *_KEY,
         _col("dataset", pa.string(), nullable=True),
         _col("method", pa.string()),
@@ -217,6 +234,8 @@ _ALL = [
         _col("metric", pa.string()),
         _col("value", pa.float64()),
         _col("n", pa.int64()),
+        _col("model_path", pa.string(), nullable=True),  # the manifest's path: local dir, hub id or s3://
+        _col("revision", pa.string(), nullable=True),    # the hub revision pinned, null when none
         _SCHEMA_VERSION,
     ]),
 ]

@@ -25,6 +25,7 @@ Shapes: B = batch rows, S = tokens in this forward, H = hidden size, V = vocabul
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import itertools
@@ -68,6 +69,17 @@ class ControlState:
     keep_indices: bool = False
     prompt_len: int | torch.Tensor | None = None
     expand: tuple[int, int] | None = None  # (MoE layer, rows)
+
+    def rows(self, rows: slice, batch: int) -> "ControlState":
+        """The contexts for batch rows `rows` of a `batch`-row forward (a micro-batch): per-row
+        tensors (B, ...) are cut, broadcast ones (1, ...) kept. Not for recordings or `expand`,
+        whose rows the driver adds up by position."""
+        def cut(t):
+            return t[rows] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
+
+        routes = tuple(replace(r, masks={l: cut(m) for l, m in r.masks.items()},
+                               steer={l: cut(m) for l, m in r.steer.items()}) for r in self.routes)
+        return replace(self, routes=routes, prompt_len=cut(self.prompt_len))
 
 
 @dataclass
@@ -237,7 +249,17 @@ class ModelShard:
 # ---- transports: how messages reach the stages ---------------------------------------------------
 
 class Stages(Protocol):
-    """The stages of one replica, in order, and how a message goes through them."""
+    """The stages of one replica, in order, and how a message goes through them.
+
+    `submit` sends a message on its way and returns at once where the transport pipelines (the
+    stages work on earlier messages meanwhile); `result` waits for it. Messages go through each
+    stage in the order submitted."""
+
+    def __len__(self) -> int: ...
+
+    def submit(self, msg: StageMessage) -> Any: ...
+
+    def result(self, ticket: Any) -> StageMessage: ...
 
     def forward(self, msg: StageMessage) -> StageMessage: ...
 
@@ -255,10 +277,18 @@ class LocalStages:
         self.shards = list(shards)
         self.config = self.shards[0].config
 
+    def __len__(self) -> int:
+        return len(self.shards)
+
     def forward(self, msg: StageMessage) -> StageMessage:
         for shard in self.shards:
             msg = shard.run(msg)
         return msg
+
+    submit = forward  # nothing to overlap: the ticket is the finished message
+
+    def result(self, ticket: StageMessage) -> StageMessage:
+        return ticket
 
     def forward_many(self, msgs: Sequence[StageMessage]) -> list[StageMessage]:
         return [self.forward(m) for m in msgs]
@@ -340,15 +370,17 @@ class ShardedModel:
     def __init__(self, stages: Stages, config, generation_config: GenerationConfig, control: ShardedControl):
         self.stages, self.config, self.generation_config, self.control = stages, config, generation_config, control
         self.device = torch.device("cpu")  # where the driver keeps inputs and outputs
+        self.generate_micro_batches: int | None = None  # None: one per stage (1: the whole batch at once)
 
     def message(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: ShardedCache | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0) -> tuple[StageMessage, ShardedCache | None]:
+                use_cache: bool | None = None, logits_to_keep: int = 0,
+                control: ControlState | None = None) -> tuple[StageMessage, ShardedCache | None]:
         cache = past_key_values
         if cache is None and use_cache:
             cache = ShardedCache(self.stages, 0)
         msg = StageMessage(input_ids.cpu(), None, attention_mask, position_ids, None if cache is None else cache.id,
-                           logits_to_keep, self.control.state())
+                           logits_to_keep, control or self.control.state())
         if cache is not None:
             cache.length += input_ids.shape[1]
         return msg, cache
@@ -374,7 +406,13 @@ class ShardedModel:
                  do_sample: bool = False, max_new_tokens: int = 128, pad_token_id: int | None = None,
                  **unused) -> torch.Tensor:
         """Greedy decoding as transformers' `generate` does it: positions from the attention mask,
-        finished rows fed the pad token (attention mask 1), stop when every row has hit EOS."""
+        finished rows fed the pad token (attention mask 1), stop when every row has hit EOS.
+
+        The rows are split into one micro-batch per stage, each with its own KV cache, decoded
+        in turn: a micro-batch's next step is submitted as soon as its token is known, so while
+        the last stage finishes one micro-batch the first already runs the next (every stage
+        busy). Rows do not interact, so the answers are those of the whole batch. Inside
+        `record()` or `expand_at` (whose rows the driver counts by position) the batch stays whole."""
         if do_sample or unused:
             raise ValueError(f"a sharded model generates greedily only; got do_sample={do_sample}, {sorted(unused)}")
         eos = self.generation_config.eos_token_id
@@ -382,24 +420,57 @@ class ShardedModel:
         pad = pad_token_id if pad_token_id is not None else self.generation_config.pad_token_id
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
-        ids, step_ids, cache = input_ids, input_ids, None
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            out = self(step_ids, attention_mask=attention_mask, position_ids=position_ids[:, -step_ids.shape[1]:],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1).cpu()  # (B,)
-            if pad is not None:
-                nxt = torch.where(unfinished, nxt, torch.as_tensor(pad))
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            unfinished &= ~torch.isin(nxt, eos)
-            if not unfinished.any():
-                break
-            step_ids = nxt[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
-        return ids
+        batch = input_ids.shape[0]
+        if batch == 0 or max_new_tokens <= 0:
+            return input_ids
+        state = self.control.state()
+        # a micro-batch that ends early is padded to the others' length, which needs a pad token
+        split = pad is not None and not state.record and state.expand is None
+        parts = torch.arange(batch).tensor_split((self.generate_micro_batches or len(self.stages)) if split else 1)
+        decodes = [_Decode(input_ids[p], attention_mask[p], state.rows(slice(int(p[0]), int(p[-1]) + 1), batch)
+                           if len(parts) > 1 else state) for p in parts if len(p)]
+        queue = collections.deque((d, self._submit_step(d)) for d in decodes)
+        while queue:  # first in, first out: the order the stages finish them
+            d, ticket = queue.popleft()
+            out = self.stages.result(ticket)
+            self.control.collect(out)
+            if d.advance(out.hidden[:, -1].argmax(-1).cpu(), pad, eos, max_new_tokens):
+                queue.append((d, self._submit_step(d)))
+        width = max(d.ids.shape[1] for d in decodes)
+        return torch.cat([torch.nn.functional.pad(d.ids, (0, width - d.ids.shape[1]), value=pad if pad is not None else 0)
+                          for d in decodes])
+
+    def _submit_step(self, d: "_Decode"):
+        msg, d.cache = self.message(d.step_ids, attention_mask=d.attention_mask,
+                                    position_ids=d.position_ids[:, -d.step_ids.shape[1]:], past_key_values=d.cache,
+                                    use_cache=True, logits_to_keep=1, control=d.control)
+        return self.stages.submit(msg)
+
+
+class _Decode:
+    """One micro-batch of a greedy generation: its tokens so far, masks, positions and KV cache.
+
+    ids, attention_mask, position_ids: (B, P + steps); step_ids: (B, 1) the last tokens (the prompt at first)."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, control: ControlState):
+        self.ids = self.step_ids = input_ids
+        self.attention_mask, self.control, self.cache, self.steps = attention_mask, control, None, 0
+        self.position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+
+    def advance(self, nxt: torch.Tensor, pad: int | None, eos: torch.Tensor, max_new_tokens: int) -> bool:
+        """Append the next tokens (B,); whether another step is due."""
+        if pad is not None:
+            nxt = torch.where(self.unfinished, nxt, torch.as_tensor(pad))
+        self.ids = torch.cat([self.ids, nxt[:, None]], dim=1)
+        self.unfinished &= ~torch.isin(nxt, eos)
+        self.steps += 1
+        if not self.unfinished.any() or self.steps == max_new_tokens:
+            return False
+        self.step_ids = nxt[:, None]
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(nxt), 1)], dim=1)
+        self.position_ids = torch.cat([self.position_ids, self.position_ids[:, -1:] + 1], dim=1)
+        return True
 
 
 def sharded_loaded_model(path: str, stages: Stages, *, name: str | None = None,

@@ -30,7 +30,8 @@ from typing import Callable
 
 import yaml
 
-from jobs.errors import TOKEN_HELP, CliError
+from jobs.auth import TOKEN_HELP, use_ray_auth_token
+from jobs.errors import CliError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "results"
@@ -201,7 +202,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         else:
             roles = [*method.roles, *(f"{role} (optional)" for role in method.optional_roles)]
             datasets = f"datasets: {', '.join(roles)}"
-        target = "; every prompt needs a target" if method.needs_target else ""
+        target = ("; every prompt needs a target" if method.needs_target is True else
+                  f"; every {' and '.join(method.needs_target)} prompt needs a target" if method.needs_target else "")
         print(f"{name}: {datasets}{target}; writes {', '.join((*method.tables, 'metrics'))}")
         print(f"  params: {', '.join(f'{f.name}={f.default!r}' for f in dataclasses.fields(method.params))}")
     return 0
@@ -340,7 +342,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                              "--wait-timeout", str(args.wait_timeout)])
     with tempfile.TemporaryDirectory(prefix="moesafe-submit-") as staging:
         _stage_manifest(manifest_path, Path(staging))
-        _use_ray_auth_token()
+        use_ray_auth_token()
         try:
             client = JobSubmissionClient(args.address)
         except AuthenticationError:
@@ -393,24 +395,6 @@ def _stage_manifest(manifest_path: Path, staging: Path) -> None:
             dataset[key] = copy.as_posix()
     (staging / SUBMITTED_MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True),
                                              encoding="utf-8")
-
-
-def _use_ray_auth_token() -> None:
-    """Send the Ray token when one exists where Ray keeps it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-    ~/.ray/auth_token), as `ray job` does, unless RAY_AUTH_MODE says otherwise; quietly."""
-    import logging
-
-    try:
-        from ray._private.authentication import authentication_token_setup as token_setup
-    except ImportError:  # a Ray without token authentication
-        return
-    logger = logging.getLogger(token_setup.__name__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # its "token authentication is enabled" warning is not news here
-    try:
-        token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        logger.setLevel(level)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -593,12 +593,22 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
         entry: Method = get_method(method.method)
         if entry.needs_target:
             for field, name in method.datasets_used().items():
+                if entry.needs_target is not True and field.removeprefix("datasets.") not in entry.needs_target:
+                    continue
                 untargeted = [p.id for p in prompts.get(name, []) if p.target is None]
                 if untargeted:
                     problems.append(
                         f"methods[{i}].{field}: {method.method} needs a target reply for every prompt, but dataset "
                         f"{name!r} has {len(untargeted)} without one (e.g. {untargeted[0]!r}): map its target column "
                         f"in datasets.{name}.columns.target")
+        if entry.check_datasets is not None:
+            sizes = {role: len(prompts[name]) for role, name in method.roles().items() if name in prompts}
+            try:
+                entry.check_datasets(method.build_params(), sizes)
+            except ValueError as error:
+                field = next((f for f in method.params if re.search(rf"\b{re.escape(f)}\b", str(error))), None)
+                where = f"params.{field}: {method.params[field]!r} is" if field else "datasets are"
+                problems.append(f"methods[{i}].{where} not allowed with its datasets: {error}")
         if entry.check_model is not None:
             params = method.build_params()
             for model in manifest.models_for(method):

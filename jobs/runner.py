@@ -29,7 +29,8 @@ from core.methods import get_method
 from core.models import describe_model, resolve_model_path
 from core.schemas import RESULT_TABLES, UNITS_TABLE, table_schema
 from core.store import ResultStore, model_slug
-from jobs.errors import TOKEN_HELP, CliError
+from jobs.auth import TOKEN_HELP, use_ray_auth_token
+from jobs.errors import CliError
 from jobs.execute import execute_driver_unit
 from jobs.progress import RunProgress
 
@@ -99,6 +100,7 @@ class _Model:
     requested: bool = False  # its replicas asked for
     replacements_left: int = 0
     lost: str | None = None  # why no replica is left, once none is
+    judges_checked: bool = False  # its actors' judges passed their check on its first placed replica's node
     queue: deque = field(default_factory=deque)  # (unit, attempt, plan)
     in_flight: dict = field(default_factory=dict)  # object ref -> (unit, attempt, plan, actor)
     ok: int = 0
@@ -150,8 +152,20 @@ def _check_reachable(address: str) -> None:
 
 
 def _check_token_accepted(address: str, target: str) -> None:
-    """RunError saying a token is needed when the cluster's GCS refuses this process's credentials
-    (ray.init would retry for half a minute of warnings, then call the cluster unreachable)."""
+    """When the cluster's GCS refuses this process's credentials, send Ray's token from where Ray
+    keeps it (as `moesafe submit` does; Ray itself sends it only to a cluster it finds on its own),
+    and RunError saying a token is needed if that does not do (ray.init would retry for half a
+    minute of warnings, then call the cluster unreachable). A cluster without token authentication
+    gets none: there, a driver switched to token mode saw every actor it started die at once."""
+    if _gcs_refuses(target):
+        use_ray_auth_token()
+        if _gcs_refuses(target):
+            raise RunError(TOKEN_HELP.format(address=address))
+
+
+def _gcs_refuses(target: str) -> bool:
+    """Whether the GCS at `target` answers UNAUTHENTICATED to this process's credentials (anything
+    else is left to ray.init to report)."""
     import grpc
     from ray._private.authentication.grpc_authentication_client_interceptor import \
         _get_authentication_metadata_tuple
@@ -163,9 +177,8 @@ def _check_token_accepted(address: str, target: str) -> None:
                 gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S,
                 metadata=_get_authentication_metadata_tuple())
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise RunError(TOKEN_HELP.format(address=address)) from None
-            # anything else: ray.init reports it
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
 
 
 class Scheduler:
@@ -192,8 +205,10 @@ class Scheduler:
     # -- setup -------------------------------------------------------------------------------
     def _start_judges(self) -> dict[str, Any]:
         """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier,
-        in its own placement group). Each judge's check() runs first, on the cluster, so a bad key
-        or endpoint stops the run before any generation."""
+        in its own placement group, checked there now: it loads its model where it will judge).
+        The other judges are checked where they run, in each model's first placed replica
+        (`_check_judges_in`), before its actor starts: a bad key or endpoint stops the run before
+        any generation."""
         from actors.judge_worker import JudgeWorker
 
         judges: dict[str, Any] = {}
@@ -208,7 +223,20 @@ class Scheduler:
                 checks[name] = judges[name].check.remote()
             else:
                 judges[name] = settings
-                checks[name] = _check_judge.remote(settings)
+        self._await_checks(checks)
+        return judges
+
+    def _check_judges_in(self, model: _Model, group) -> None:
+        """Check the judges that model actors build (all but classifiers) on the node of `model`'s
+        placed replica `group`: that node's environment (keys given to worker nodes only, or by
+        the job's runtime env) is what they will see, not the head's or the driver's."""
+        where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+        self._await_checks({name: _check_judge.options(scheduling_strategy=where).remote(settings)
+                            for name, settings in self.judges.items() if isinstance(settings, dict)},
+                           f" (on the node of model {model.entry.name!r})")
+        model.judges_checked = True
+
+    def _await_checks(self, checks: dict[str, Any], where: str = "") -> None:
         for name, ref in checks.items():
             try:
                 ray.get(ref, timeout=PREFLIGHT_TIMEOUT_S)
@@ -218,8 +246,7 @@ class Scheduler:
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e
                 raise RunError(f"judge {name!r} ({self.manifest.judges[name].type}) failed its check on the "
-                               f"cluster, before any generation: {cause}") from None
-        return judges
+                               f"cluster{where}, before any generation: {cause}") from None
 
     @staticmethod
     def _classifier_gpus(device: str) -> float:
@@ -336,6 +363,8 @@ class Scheduler:
                     self._add_replica(model)
             for replica in model.replicas:
                 if replica.actor is None and replica.placed:
+                    if not model.judges_checked:
+                        self._check_judges_in(model, replica.group)
                     replica.actor = self._model_worker(ModelWorker, model.entry, replica.group)
         running = any(m.actors for m in active)
         if running:
@@ -524,7 +553,8 @@ class Scheduler:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _check_judge(settings: dict[str, Any]) -> None:
-    """A judge's preflight, in a task on the cluster: its environment (keys) is the workers'."""
+    """A judge's preflight, in a task in a model replica's placement group: the environment (keys)
+    of the node where that model's actors build the judge."""
     from core.judges import make_judge
 
     make_judge(**settings).check()
@@ -578,11 +608,16 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
     lease = store.acquire_run(run_id)  # before Ray: a second driver of this run is refused at once
     with lease.kept_alive():
         connect_ray(address)
-        # judges are checked as the scheduler starts: a run they refuse writes nothing
+        # a classifier judge is checked as the scheduler starts (a run it refuses writes nothing);
+        # the others where model actors build them, once a replica is placed
         scheduler = Scheduler(manifest, store, run_id, progress, wait_timeout_s, reuse)
         # the run id actually used (--run-id, --force-new-run), not the one the file named
         store.write_run(run_id, manifest.model_copy(update={"run_id": run_id}).to_yaml(), manifest_hash=digest)
-        summary = scheduler.run()
+        try:
+            summary = scheduler.run()
+        except RunError:  # a judge failed its check, or no node came: the run stops unfinished
+            store.finish_run(run_id, "failed")
+            raise
         if lease.lost:
             raise RunError(str(lease.lost))
         store.finish_run(run_id, "finished" if summary.complete else "incomplete")

@@ -159,7 +159,7 @@ def test_a_run_stored_by_an_older_version_is_named_not_resumed(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT
     assert f"run id 'old' in '{root}' was written by an older moesafe (metrics schema version 1; this version " \
-           f"writes 2) and cannot be resumed: use another --run-id or another --out" in err
+           f"writes 3) and cannot be resumed: use another --run-id or another --out" in err
     assert files_with_bytes(root) == before
     assert main(["query", "select method, judge, metric, value from metrics", "--out", str(root),
                  "--format", "csv"]) == 0

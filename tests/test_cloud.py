@@ -1,6 +1,7 @@
 """The cloud runtime: a run on Ray's real autoscaler (fake GPU nodes on this machine) that waits for
-nodes, scales up and down, gives its wait-timeout and preflight errors, and reuses units across
-runs; s3:// models read for planning without their weights and downloaded once per node."""
+nodes, loses a node mid-run and gets another, scales up and down, checks its judges on the models'
+nodes, gives its wait-timeout error, and reuses units across runs; a classifier judge in its own
+placement group; s3:// models read for planning without their weights and downloaded once per node."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from core.models import _download_s3, cache_root, describe_model, load_model
 from core.schemas import RESULT_TABLES
 from core.store import ResultStore
 from jobs.manifest import load_manifest
-from jobs.runner import run_manifest
+from jobs.runner import RunError, run_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_COLUMNS = ("seconds", "finished_at")
@@ -65,7 +66,7 @@ def rows(root: str, run_id: str, model: str | None = None) -> dict[str, list[str
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None,
                     reason="needs unshare and ip (util-linux, iproute2) and root for a private namespace")
-def test_autoscaling_cluster_waits_for_nodes_reuses_units_and_matches_a_fixed_cluster(sandbox_dir, tmp_path):
+def test_autoscaling_cluster_waits_for_nodes_replaces_a_lost_one_reuses_units_and_matches_a_fixed_cluster(sandbox_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tiny = save_tiny_model("olmoe", tmp_path / "tiny_olmoe", tokenizer=AutoTokenizer.from_pretrained(sandbox_dir))
@@ -73,31 +74,44 @@ def test_autoscaling_cluster_waits_for_nodes_reuses_units_and_matches_a_fixed_cl
     first = write(tmp_path, "first", SANDBOX_ON_GPU_NODE)
     second = write(tmp_path, "second", SANDBOX_ON_GPU_NODE + "\n" + added)
     too_big = write(tmp_path, "too-big", SANDBOX_ON_GPU_NODE.replace("num_gpus: 1", "num_gpus: 2"))
-    keyless = write(tmp_path, "keyless", SANDBOX_ON_GPU_NODE, judge="graded", judges=(
-        "  graded: {type: rubric, base_url: 'http://127.0.0.1:9/v1', model: m, "
-        "api_key_env: MOESAFE_TEST_ABSENT_KEY}"))
+    # Its key variable is set on the worker nodes only (Ray's fake provider sets RAY_NODE_TYPE_NAME
+    # there; the head has none): checked where the model's actors run, the key is found and the
+    # endpoint, unreachable, stops the run. Checked on the head, the key would be missing.
+    unreachable = write(tmp_path, "unreachable", SANDBOX_ON_GPU_NODE, judge="graded", judges=(
+        "  graded: {type: rubric, base_url: 'http://127.0.0.1:9/v1', model: m, max_retries: 0, "
+        "api_key_env: RAY_NODE_TYPE_NAME}"))
     work = tmp_path / "work"
     work.mkdir()
     # /tmp/ray privately too: the cluster's session files must not replace this machine's others
     script = (f"ip link set lo up && mkdir -p /tmp/ray {work}/ray && mount --bind {work}/ray /tmp/ray && "
-              f"exec {sys.executable} {REPO / 'tests' / 'autoscale_run.py'} {work} {first} {too_big} {keyless} {second}")
+              f"exec {sys.executable} {REPO / 'tests' / 'autoscale_run.py'} {work} {first} {too_big} {unreachable} {second}")
     done = subprocess.run(["unshare", "-pfn", "--mount-proc", "bash", "-c", script], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)  # a loaded machine: the namespace part took 4.5 min at load 11-17
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((work / "report.json").read_text())
     print(json.dumps(report, indent=1))  # the README's figures
 
+    first_run = report["first"]
     assert report["nodes_before"] == 0
-    assert report["first"]["seconds_waiting"] > 0, "the run waited for the autoscaler"
-    assert report["first"]["units_failed"] == 0 and report["first"]["units_ok"] == report["first"]["units_total"]
-    assert report["first"]["nodes_after"] >= 1 and report["nodes_at_end"] == 0, "nodes scaled up, then down"
+    assert first_run["seconds_waiting"] > 0, "the run waited for the autoscaler"
+    assert first_run["units_failed"] == 0 and first_run["units_ok"] == first_run["units_total"]
+    assert first_run["nodes_after"] >= 1 and report["nodes_at_end"] == 0, "nodes scaled up, then down"
+    # A worker node terminated mid-run: the autoscaler brought another (a node id not seen before it).
+    assert first_run["killer_error"] is None and first_run["killed_node"], "no node was terminated"
+    assert 0 < first_run["units_before_kill"] < first_run["units_total"], "the node died mid-run"
+    assert not first_run["killed_node_alive_after"]
+    assert len(first_run["worker_nodes_seen"]) >= 3, "the terminated node was replaced"
     assert "waited" in report["timeout"]["error"] and "{GPU: 2, CPU: 1}" in report["timeout"]["error"]
-    assert "judge 'graded'" in report["preflight"]["error"]
-    assert "MOESAFE_TEST_ABSENT_KEY" in report["preflight"]["error"]
+    assert report["preflight"]["error"].startswith(
+        "judge 'graded' (rubric) failed its check on the cluster (on the node of model 'sandbox'), before any "
+        "generation: "), report["preflight"]["error"]
+    assert "cannot reach http://127.0.0.1:9/v1" in report["preflight"]["error"], "the key was found on the worker"
     out = str(work / "out")
     store = ResultStore(out, read_only=True)
-    assert not store.read_table("runs", run_id="keyless").num_rows, "a run refused in preflight writes nothing"
-    assert not store.read_table("units", run_id="keyless").num_rows
+    assert [r["status"] for r in store.read_table("runs", run_id="unreachable").to_pylist()] == ["failed"]
+    assert not store.read_table("units", run_id="unreachable").num_rows, "no unit ran"
+    units = store.read_table("units", run_id="first").column("unit_id").to_pylist()
+    assert len(units) == len(set(units)) == first_run["units_total"], "nothing lost or doubled"
     reused = report["second"]["units_reused"]
     assert reused == report["first"]["units_total"], "every unit of the first model was reused"
     assert report["second"]["units_ok"] == report["second"]["units_total"] - reused, "only the added model ran"
@@ -107,14 +121,50 @@ def test_autoscaling_cluster_waits_for_nodes_reuses_units_and_matches_a_fixed_cl
 
     # The same manifest, fresh, on a fixed local cluster (two GPUs it only claims): the same rows.
     fixed = str(tmp_path / "fixed")
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    judged, broken = classifier_manifests(tmp_path, sandbox_dir)
+    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         fresh = run_manifest(load_manifest(second), out=fixed, progress=False)
+        # On the same cluster: a classifier judge, in its own placement group, checked there first.
+        assert run_manifest(load_manifest(judged), out=fixed, progress=False).complete
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "REMOVED"]
+        judge_groups = [g for g in groups if list(g["bundles"].values()) == [{"CPU": 1.0}]]
+        with pytest.raises(RunError, match=r"judge 'cls' \(classifier\) failed its check on the cluster, before any "
+                                           r"generation: classifier judge: cannot load sequence model from"):
+            run_manifest(load_manifest(broken), out=fixed, progress=False)
     finally:
         ray.shutdown()
+    assert len(judge_groups) == 1, "the classifier judge had its own group: one bundle of {CPU: 1}"
+    verdicts = [v for g in ResultStore(fixed, read_only=True).read_table("generations", run_id="judged").to_pylist()
+                for v in g["verdicts"]]
+    assert verdicts and {v["judge"] for v in verdicts} == {"cls"}
+    assert all(v["jailbroken"] is not None and 0.0 <= v["score"] <= 1.0 for v in verdicts), "the classifier judged"
+    assert not ResultStore(fixed, read_only=True).read_table("runs", run_id="broken").num_rows, \
+        "a run stopped by a judge's check writes nothing"
     assert fresh.complete and fresh.units_reused == 0
     assert rows(out, "second") == rows(fixed, "second"), "reused and computed rows equal a fresh run's"
     assert rows(out, "first") == rows(fixed, "second", model="sandbox"), "the autoscaled run equals the fixed one"
+
+
+def classifier_manifests(tmp_path: Path, sandbox_dir: str) -> tuple[Path, Path]:
+    """Manifests judged by a `classifier`: a tiny sequence classifier over the sandbox's words
+    (random weights, built from a config, saved, loaded back by from_pretrained), on the CPU;
+    and the same judge pointing at a directory with no model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(sandbox_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    (tmp_path / "empty").mkdir()
+    judge = "  cls: {{type: classifier, model_path: {path}, mode: sequence, device: cpu}}"
+    one_replica = SANDBOX_ON_GPU_NODE.replace("replicas: 2", "replicas: 1")  # one actor to start, not two
+    return (write(tmp_path, "judged", one_replica, judges=judge.format(path=tmp_path / "cls"), judge="cls"),
+            write(tmp_path, "broken", one_replica, judges=judge.format(path=tmp_path / "empty"), judge="cls"))
 
 
 def test_s3_model_planning_reads_config_only_and_a_node_downloads_once(tmp_path, s3_bucket, monkeypatch):

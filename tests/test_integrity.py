@@ -327,7 +327,7 @@ sys.stdin.read()  # until the test closes it; ray.shutdown at exit stops the clu
 """
 
 
-def test_a_cluster_that_needs_a_token_says_so(tmp_path):
+def test_a_cluster_that_needs_a_token_says_so_and_run_finds_it_where_ray_keeps_it(tmp_path):
     import secrets
     import subprocess
     import sys
@@ -346,20 +346,26 @@ def test_a_cluster_that_needs_a_token_says_so(tmp_path):
         client = {**env, "HOME": str(tmp_path / "client-home")}
         out = tmp_path / "out"
         moesafe = Path(sys.executable).parent / "moesafe"  # the installed console script
-        run = subprocess.run([moesafe, "run", str(write_manifest(tmp_path, "sandbox")),
-                              "--address", address, "--out", str(out)], capture_output=True, text=True, env=client,
-                             timeout=120)
+        # A model that asks for a GPU this cluster lacks, and no wait: once connected, the run can only
+        # say what the cluster has (nothing computes, the test stays short).
+        manifest = write_manifest(tmp_path, "sandbox", model="{name: sandbox, path: sandbox, dtype: float32, num_gpus: 1}")
+        command = [moesafe, "run", str(manifest), "--address", address, "--out", str(out), "--wait-timeout", "0"]
+        run = subprocess.run(command, capture_output=True, text=True, env=client, timeout=120)
         assert run.returncode == 2, run.stderr
         assert run.stderr.splitlines()[-1] == (
-            f"moesafe run: error: the Ray cluster at {address} requires its authentication token: set "
-            f"RAY_AUTH_MODE=token, with the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on "
-            f"the head prints it)")
+            f"moesafe run: error: the Ray cluster at {address} requires its authentication token, and none it "
+            f"accepts was found here: put the token in ~/.ray/auth_token or RAY_AUTH_TOKEN (`ray get-auth-token` "
+            f"on the head prints it), and leave RAY_AUTH_MODE unset or set it to token")
         assert "unreachable" not in run.stderr and "Failed to get cluster ID" not in run.stderr
-        # With the token, the same check lets the driver through.
-        probe = subprocess.run([sys.executable, "-c", f"from jobs.runner import _check_reachable; "
-                                f"_check_reachable({address!r}); print('accepted')"], capture_output=True, text=True,
-                               env={**client, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=120)
-        assert probe.stdout.strip() == "accepted", probe.stderr
+        # The token where Ray keeps it, nothing in the environment (as `ray get-auth-token > ~/.ray/auth_token`
+        # leaves a user's machine): `moesafe run` sends it, joins the cluster and reads its resources.
+        (tmp_path / "client-home" / ".ray").mkdir()
+        (tmp_path / "client-home" / ".ray" / "auth_token").write_text(token)
+        run = subprocess.run(command, capture_output=True, text=True, env=client, timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert "waited 0.0 min for 1 x {GPU: 1, CPU: 1} and the cluster has not placed one (its nodes have {CPU: 1} " \
+               "in all)" in run.stderr.splitlines()[-1], run.stderr
+        assert "authentication" not in run.stderr and "token" not in run.stderr.lower()
     finally:
         head.stdin.close()
         try:

@@ -115,7 +115,7 @@ def test_to_yaml_round_trips():
     ("models: []\ndatasets: {}\n", r"^models: \[\] is not allowed: list should have at least 1 item"),
     # unknown method, judge type, and names that resolve to nothing
     (edited("method: steermoe", "method: steermo"),
-     r"^methods\[3\].method: 'steermo' is not one of 'fsour', 'rosais', 'safex' or 'steermoe'"),
+     r"^methods\[3\].method: 'steermo' is not one of 'fsour', 'rosais', 'safex', 'steermoe' or 'universal_route'"),
     (edited("type: rubric", "type: rubrik"),
      r"^judges.sr.type: 'rubrik' is not one of refusal, rubric, classifier"),
     (edited("type: rubric", "type: strongreject"),

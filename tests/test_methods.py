@@ -34,7 +34,7 @@ def metrics(method: str, read, datasets: dict, judges=("a", "b"), params=None) -
     entry = get_method(method)
     params = params or entry.params()
     ctx = PlanContext({"name": "m"}, method, params, tuple(judges), {}, datasets, 8, 50, 4, read)
-    unit = ctx.unit(entry.metrics_kind, on_driver=True)
+    unit = entry.metrics_unit(ctx)
     rows = entry.kind(unit.kind).run(unit, read, params)["metrics"]
     build_table("metrics", rows, **KEY)  # every row fits the table
     assert {(r["method"], r["params_hash"]) for r in rows} == {(method, params_hash(params.to_json()))}

@@ -265,6 +265,12 @@ def test_metric_deltas_pair_runs_by_model_method_dataset_judge_and_metric():
     assert [(d["model"], d["metric"], d["a"] and d["a"]["value"], d["b"] and d["b"]["value"], d["delta"])
             for d in deltas] == [("m1", "asr", 0.5, 0.75, 0.25), ("m1", "asr_baseline", 0.0, None, None),
                                  ("m2", "asr", None, 1.0, None)]
+    assert all(d["sources"] is None for d in deltas), "rows without model_path (before schema v3) name no path"
+    judged = numbers.judged_metrics([_metric("asr", 0.5, 4, run_id="a", model_path="org/m", revision="v1"),
+                                     _metric("asr", 0.7, 4, run_id="b", model_path="org/m", revision="v2"),
+                                     _metric("asr_baseline", 0.0, 4, run_id="a", model_path="org/m"),
+                                     _metric("asr_baseline", 0.0, 4, run_id="b", model_path="org/m")], {})
+    assert [d["sources"] for d in numbers.metric_deltas(judged, "a", "b")] == ["org/m@v1 → org/m@v2", None]
 
 
 def test_sample_answers_show_the_text_the_hash_or_a_note_by_store_answers():
@@ -417,15 +423,17 @@ def test_compare_shows_the_metric_deltas_of_two_runs(tmp_path):
     root = str(tmp_path / "out")
     store = ResultStore(root)
     manifest = "methods:\n  - {method: fsour, dataset: harmful, judge: refusal}\n"
-    for run_id, asr in (("before", 0.25), ("after", 0.75)):
+    # one model name, two checkpoints: the comparison says which path each run's rows came from
+    for run_id, asr, path in (("before", 0.25, "/ckpt/step-1000"), ("after", 0.75, "/ckpt/step-2000")):
         store.write_run(run_id, manifest, status="finished")
         store.write_unit(run_id, "m1", "metrics-1", {"metrics": [
             {"dataset": "harmful", "method": "fsour", "judge": "refusal", "params_hash": "p", "metric": "asr",
-             "value": asr, "n": 8}]},
+             "value": asr, "n": 8, "model_path": path, "revision": None}]},
             {"method": "fsour", "kind": "fsour_metrics", "status": "ok", "attempts": 1, "seconds": 0.1})
     html = Path(write_report(root, compare=("before", "after"))).read_text()
     assert "fig-compare" in _figures(html)
-    assert "<td>fsour</td><td>harmful</td><td>refusal</td><td>asr</td>" in html
+    assert ('<td>m1<br><span class="muted">/ckpt/step-1000 → /ckpt/step-2000</span></td>'
+            "<td>fsour</td><td>harmful</td><td>refusal</td><td>asr</td>") in html
     assert ">0.25 [0.07, 0.59]</td>" in html and ">0.75 [0.41, 0.93]</td>" in html and ">+0.500</td>" in html
     with pytest.raises(ValueError, match="no run 'other'"):
         write_report(root, str(tmp_path / "x.html"), compare=("before", "other"))

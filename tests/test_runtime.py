@@ -168,6 +168,17 @@ def test_two_models_in_one_sweep(two_model_run):
     assert [m["model"] for m in per_model] == ["sandbox", "tiny-qwen"]
     assert per_model[0]["n"] == per_model[1]["n"]
 
+    # Another run under the same root gives the name "sandbox" to the tiny model (a new checkpoint
+    # under an old name): `metrics` says which model each run's rows came from.
+    other = SMALL.split("  - method: rosais")[0].format(run_id="renamed", store_answers="full",
+                                                        models=f"  - {{name: sandbox, path: {tiny}, dtype: float32}}")
+    assert run_manifest(load_manifest(other), out=out, progress=False).complete
+    sources = json.loads(run_query("select distinct run_id, model, model_path, revision from metrics "
+                                   "order by run_id, model", out, "json"))
+    assert sources == [{"run_id": "renamed", "model": "sandbox", "model_path": str(tiny), "revision": None},
+                       {"run_id": "two", "model": "sandbox", "model_path": "sandbox", "revision": None},
+                       {"run_id": "two", "model": "tiny-qwen", "model_path": str(tiny), "revision": None}]
+
 
 @pytest.mark.parametrize("mode, run, run_id", [("hash", "judged_run", "judges"), ("none", "two_model_run", "two")])
 def test_store_answers_policy(request, mode, run, run_id):

@@ -4,6 +4,7 @@ holds only its share of the weights."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 from pathlib import Path
 
@@ -71,15 +72,34 @@ def test_shard_reads_only_its_tensors(tiny):
 
 
 def test_greedy_answers_identical(tiny):
+    """Generation splits the rows into one micro-batch per stage, each with its rows of a per-row
+    route; rows and micro-batches that end early (EOS) are padded as transformers pads them."""
     family, _, full, sharded = tiny
-    ids = _ids(2, 6, seed=3)
+    c = full.control
+    ids = _ids(3, 6, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    with torch.no_grad():
-        want = full.model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    g = torch.Generator().manual_seed(6)
+    per_row = torch.stack([torch.randperm(c.num_experts, generator=g)[: c.top_k] for _ in range(3)])  # (3, k)
+    route = Route.force({c.num_layers - 1: per_row}, c.num_experts, scope="all")
+    gen = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+
+    def unsharded(eos):
+        with torch.no_grad(), c.apply(route):
+            return full.model.generate(ids, eos_token_id=eos, **gen)
+
+    free = unsharded(-1)  # no row ends
+    eos = int(free[2, 7])  # the last row's second new token: its micro-batch ends before the others
+    want = unsharded(eos)
+    assert want.shape[1] > 8 and int(want[2, -1]) == 0, "the last row should end early, padded"
     for shards, lm in sharded.items():
-        assert torch.equal(lm.model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                             pad_token_id=0), want), f"{family} in {shards}"
+        config, lm.model.generation_config = lm.model.generation_config, copy.deepcopy(lm.model.generation_config)
+        lm.model.generation_config.eos_token_id = eos
+        try:
+            with lm.control.apply(route):
+                assert torch.equal(lm.model.generate(ids, **gen), want), f"{family} in {shards}"
+        finally:
+            lm.model.generation_config = config
 
 
 def _routed_generation(lm, ids, routes):

@@ -126,7 +126,7 @@ def test_every_table_has_an_explicit_versioned_schema():
             assert ts.schema.names[:3] == ["run_id", "model", "unit_id"]
     assert TABLES["metrics"].schema.names == [
         "run_id", "model", "unit_id", "dataset", "method", "judge", "params_hash", "metric", "value", "n",
-        "schema_version"]
+        "model_path", "revision", "schema_version"]
     assert TABLES["metrics"].schema.field("value").type == pa.float64()
     assert TABLES["metrics"].schema.field("n").type == pa.int64()
     for name in RESULT_TABLES:
@@ -163,8 +163,8 @@ def test_build_table_accepts_arrow_tables_and_fills_shared_columns():
     table = build_table("metrics", arrow, run_id=RUN, model=SLUG, unit_id="u")
     assert table.schema == TABLES["metrics"].schema
     assert table.to_pylist() == [dict(run_id=RUN, model=SLUG, unit_id="u", dataset="d", method="m", judge="refusal",
-                                      params_hash="0123abcd", metric="asr", value=1.0, n=3,
-                                      schema_version=TABLES["metrics"].version)]
+                                      params_hash="0123abcd", metric="asr", value=1.0, n=3, model_path=None,
+                                      revision=None, schema_version=TABLES["metrics"].version)]
 
 
 def test_model_slug_is_path_safe_and_stable():
