@@ -145,9 +145,9 @@ def test_resumed_run_skips_finished_units_and_adds_no_duplicates(quickstart, tmp
 
 
 @pytest.fixture(scope="module")
-def two_model_run(ray_cluster, tmp_path_factory, sandbox_dir) -> str:
+def two_model_run(ray_cluster, tmp_path_factory, sandbox_dir) -> tuple[str, Path]:
     """The quickstart on the sandbox and a second family, keeping no answers (the store_answers test
-    reads it too); its result root."""
+    reads it too): its result root, and the second model's path."""
     from transformers import AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("two")
@@ -158,11 +158,11 @@ def two_model_run(ray_cluster, tmp_path_factory, sandbox_dir) -> str:
     summary = run_manifest(_manifest(tmp, run_id="two", models=models, store_answers="none"), out=out,
                            progress=False)
     assert summary.complete
-    return out
+    return out, tiny
 
 
 def test_two_models_in_one_sweep(two_model_run):
-    out = two_model_run
+    out, tiny = two_model_run
     per_model = json.loads(run_query(
         "select model, count(*) as n from metrics where run_id = 'two' group by model order by model", out, "json"))
     assert [m["model"] for m in per_model] == ["sandbox", "tiny-qwen"]
@@ -183,6 +183,7 @@ def test_two_models_in_one_sweep(two_model_run):
 @pytest.mark.parametrize("mode, run, run_id", [("hash", "judged_run", "judges"), ("none", "two_model_run", "two")])
 def test_store_answers_policy(request, mode, run, run_id):
     out = request.getfixturevalue(run)
+    out = out[0] if run == "two_model_run" else out
     gens = ResultStore(out).read_table("generations", run_id=run_id).to_pylist()
     assert gens and all(g["answer"] is None and g["store_answers"] == mode for g in gens)
     assert all((len(g["answer_sha256"]) == 64) == (mode == "hash") for g in gens)
