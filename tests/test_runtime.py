@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -67,9 +68,18 @@ RESULT_TABLES = ("fsour_routes", "rosais_scores", "rosais_attack", "safex_counts
                  "safex_validation", "steer_experts", "generations", "metrics")
 
 
-def test_small_quickstart_runs_end_to_end_and_answers_queries(ray_cluster, tmp_path):
-    out = str(tmp_path / "out")
-    summary = run_manifest(_manifest(tmp_path), out=out, progress=False)
+@pytest.fixture(scope="module")
+def quickstart(ray_cluster, tmp_path_factory):
+    """The reduced quickstart run once: (manifest, result root, summary). Its tests only read the
+    root, or copy it."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    manifest = _manifest(tmp)
+    out = str(tmp / "out")
+    return manifest, out, run_manifest(manifest, out=out, progress=False)
+
+
+def test_small_quickstart_runs_end_to_end_and_answers_queries(quickstart):
+    _, out, summary = quickstart
     assert summary.complete and summary.units_ok == summary.units_total > 0
     metrics = json.loads(run_query("select method, metric, value, n from metrics where run_id = 't1'", out, "json"))
     names = {(m["method"], m["metric"]) for m in metrics}
@@ -86,14 +96,22 @@ def test_small_quickstart_runs_end_to_end_and_answers_queries(ray_cluster, tmp_p
     assert runs[0]["status"] == "finished" and runs[0]["ended_at"] is not None
 
 
-def test_every_judge_of_a_method_gets_its_verdicts_and_metrics(ray_cluster, tmp_path):
-    """`judges: [refusal, picky]`: the first decides (the method tables' `judge`), every answer keeps
-    both verdicts, and `metrics` has one row per (method, judge, metric)."""
-    text = (SMALL.format(run_id="judges", models=SANDBOX_MODEL, store_answers="full")
+@pytest.fixture(scope="module")
+def judged_run(ray_cluster, tmp_path_factory) -> str:
+    """The quickstart with `judges: [refusal, picky]` on every method, keeping answers as hashes
+    (the store_answers test reads it too); its result root."""
+    text = (SMALL.format(run_id="judges", models=SANDBOX_MODEL, store_answers="hash")
             .replace("methods:\n", "judges:\n  picky: {type: refusal, phrases: [the]}\nmethods:\n")
             .replace("    params:", "    judges: [refusal, picky]\n    params:"))
-    out = str(tmp_path / "out")
+    out = str(tmp_path_factory.mktemp("judges") / "out")
     assert run_manifest(load_manifest(text), out=out, progress=False).complete
+    return out
+
+
+def test_every_judge_of_a_method_gets_its_verdicts_and_metrics(judged_run):
+    """`judges: [refusal, picky]`: the first decides (the method tables' `judge`), every answer keeps
+    both verdicts, and `metrics` has one row per (method, judge, metric)."""
+    out = judged_run
     rows = json.loads(run_query("select method, dataset, judge, metric, value, n from metrics", out, "json"))
     keys = [(r["method"], r["dataset"], r["judge"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys)), "one row per (method, dataset, judge, metric)"
@@ -107,14 +125,14 @@ def test_every_judge_of_a_method_gets_its_verdicts_and_metrics(ray_cluster, tmp_
         assert set(store.read_table(table, run_id="judges").column("judge").to_pylist()) == {"refusal"}, table
 
 
-def test_resumed_run_skips_finished_units_and_adds_no_duplicates(ray_cluster, tmp_path):
+def test_resumed_run_skips_finished_units_and_adds_no_duplicates(quickstart, tmp_path):
+    manifest, finished, first = quickstart
     out = str(tmp_path / "out")
-    manifest = _manifest(tmp_path, run_id="r1")
-    first = run_manifest(manifest, out=out, progress=False)
-    before = {t: _table_rows(out, t, "r1") for t in RESULT_TABLES}
+    shutil.copytree(finished, out)  # the quickstart's finished run, resumed in a copy
+    before = {t: _table_rows(out, t, "t1") for t in RESULT_TABLES}
     # Simulate a run cut short: the last stages' units never committed.
     store = ResultStore(out)
-    lost = [u for u in store.read_table("units", run_id="r1").to_pylist()
+    lost = [u for u in store.read_table("units", run_id="t1").to_pylist()
             if u["kind"] in ("rosais_attack", "safex_validation", "fsour_metrics")]
     for path in Path(out).glob("units/**/*.parquet"):
         if pq.read_table(path).column("unit_id")[0].as_py() in {u["unit_id"] for u in lost}:
@@ -123,18 +141,28 @@ def test_resumed_run_skips_finished_units_and_adds_no_duplicates(ray_cluster, tm
     assert second.units_total == first.units_total
     assert second.units_ok == len(lost), "only the lost units run again"
     assert second.units_skipped == first.units_total - len(lost)
-    assert {t: _table_rows(out, t, "r1") for t in RESULT_TABLES} == before
+    assert {t: _table_rows(out, t, "t1") for t in RESULT_TABLES} == before
 
 
-def test_two_models_in_one_sweep(ray_cluster, tmp_path, sandbox_dir):
+@pytest.fixture(scope="module")
+def two_model_run(ray_cluster, tmp_path_factory, sandbox_dir) -> tuple[str, Path]:
+    """The quickstart on the sandbox and a second family, keeping no answers (the store_answers test
+    reads it too): its result root, and the second model's path."""
     from transformers import AutoTokenizer
 
+    tmp = tmp_path_factory.mktemp("two")
     # a second family, with a shared expert, reading the sandbox prompts with the sandbox's words
-    tiny = save_tiny_model("qwen2_moe", tmp_path / "tiny_qwen", tokenizer=AutoTokenizer.from_pretrained(sandbox_dir))
+    tiny = save_tiny_model("qwen2_moe", tmp / "tiny_qwen", tokenizer=AutoTokenizer.from_pretrained(sandbox_dir))
     models = SANDBOX_MODEL + f"\n  - {{name: tiny-qwen, path: {tiny}, dtype: float32}}"
-    out = str(tmp_path / "out")
-    summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False)
+    out = str(tmp / "out")
+    summary = run_manifest(_manifest(tmp, run_id="two", models=models, store_answers="none"), out=out,
+                           progress=False)
     assert summary.complete
+    return out, tiny
+
+
+def test_two_models_in_one_sweep(two_model_run):
+    out, tiny = two_model_run
     per_model = json.loads(run_query(
         "select model, count(*) as n from metrics where run_id = 'two' group by model order by model", out, "json"))
     assert [m["model"] for m in per_model] == ["sandbox", "tiny-qwen"]
@@ -152,13 +180,15 @@ def test_two_models_in_one_sweep(ray_cluster, tmp_path, sandbox_dir):
                        {"run_id": "two", "model": "tiny-qwen", "model_path": str(tiny), "revision": None}]
 
 
-@pytest.mark.parametrize("mode", ["hash", "none"])
-def test_store_answers_policy(ray_cluster, tmp_path, mode):
-    out = str(tmp_path / "out")
-    run_manifest(_manifest(tmp_path, run_id=f"sa-{mode}", store_answers=mode), out=out, progress=False)
-    gens = ResultStore(out).read_table("generations", run_id=f"sa-{mode}").to_pylist()
+@pytest.mark.parametrize("mode, run, run_id", [("hash", "judged_run", "judges"), ("none", "two_model_run", "two")])
+def test_store_answers_policy(request, mode, run, run_id):
+    out = request.getfixturevalue(run)
+    out = out[0] if run == "two_model_run" else out
+    gens = ResultStore(out).read_table("generations", run_id=run_id).to_pylist()
     assert gens and all(g["answer"] is None and g["store_answers"] == mode for g in gens)
     assert all((len(g["answer_sha256"]) == 64) == (mode == "hash") for g in gens)
+    if run == "two_model_run":  # the policy holds for every model of the run
+        assert {g["model"] for g in gens} == {"sandbox", "tiny-qwen"}
 
 
 def test_models_that_do_not_fit_together_run_in_turn(ray_cluster, tmp_path, sandbox_dir):

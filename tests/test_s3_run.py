@@ -80,9 +80,14 @@ def test_run_to_s3_resume_and_query(bucket, tmp_path, capsys):
     assert json.loads(out) == sorted(({k: m[k] for k in columns} for m in stored),
                                      key=lambda m: (m["method"], m["metric"], m["dataset"], m["judge"]))
 
-    # credentials never reach the results, compressed or not
-    for key in fs.find(f"{bucket}/{prefix}"):
-        data = fs.cat_file(key)
+    # credentials never reach the results, compressed or not: every object under the prefix is
+    # read from the copy fetched after the resume (the query writes nothing; the listing says so)
+    copy = tmp_path / "after"
+    fs.invalidate_cache()
+    keys = sorted(key.removeprefix(f"{bucket}/{prefix}/") for key in fs.find(f"{bucket}/{prefix}"))
+    assert keys == sorted(str(path.relative_to(copy)) for path in copy.rglob("*") if path.is_file())
+    for key in keys:
+        data = (copy / key).read_bytes()
         text = data + json.dumps(pq.read_table(io.BytesIO(data)).to_pylist(), default=str).encode()
         assert S3_ACCESS_KEY.encode() not in text and S3_SECRET_KEY.encode() not in text, key
 
