@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # Results go to results/, the default --out of `moesafe status` and `moesafe query`.
 quickstart: setup
