@@ -3,9 +3,9 @@
 Reads the run's `universal_route` metrics, its route and its search from a result root and rewrites
 the README block between the two marker comments below, with the commit and the machine.
 
-    moesafe run manifests/beyond.yaml --out /tmp/beyond --run-id universal
-    python benchmarks/universal_figures.py --out /tmp/beyond --run-id universal
-    python benchmarks/universal_figures.py --out /tmp/beyond --run-id universal --print   # README untouched
+    moesafe run manifests/beyond.yaml                     # into results/, the manifest's own run id
+    python benchmarks/universal_figures.py                # `make figures` runs both
+    python benchmarks/universal_figures.py --out /tmp/beyond --run-id ID --print   # README untouched
 """
 from __future__ import annotations
 
