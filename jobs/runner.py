@@ -557,6 +557,7 @@ class Scheduler:
         self._finished(model, plan, unit, ok=False)
 
     def _finished(self, model: _Model, plan: _Plan, unit: WorkUnit, ok: bool) -> None:
+        plan.failed |= not ok  # a driver unit runs inside _advance and is in no plan's pending set
         for waiting in model.plans:  # every plan that planned this unit
             if unit.unit_id in waiting.pending:
                 waiting.pending.discard(unit.unit_id)
