@@ -31,7 +31,6 @@ quickstart: setup
 figures: setup
 	$(PY) benchmarks/readme_figures.py --out results --run
 	$(PY) benchmarks/beyond_figures.py --out results --run
-	$(PY) benchmarks/universal_figures.py --out results
 
 bench: setup
 	$(PY) benchmarks/fsour_bench.py

@@ -1,8 +1,9 @@
 """The README's "Beyond the papers" figures, generated from a run of manifests/beyond.yaml.
 
 Reads the manifest's run (its default run id) from a result root, running it first with --run
-when the root does not hold it finished, and rewrites the README block between the two marker
-comments below with the figures, the commit and the machine. Each method has its own function of
+when the root does not hold it finished, and rewrites two README blocks with the figures, the
+commit and the machine: the universal route's (benchmarks/universal_figures.py) and the block
+between the two marker comments below. Each method has its own function of
 the run's rows (`SECTIONS`); a method added to the manifest adds its function there.
 
     python benchmarks/beyond_figures.py                      # results/
@@ -11,8 +12,6 @@ the run's rows (`SECTIONS`); a method added to the manifest adds its function th
 """
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -20,9 +19,8 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.readme_figures import (FiguresError, MetricFigures, finished_run, query,  # noqa: E402
-                                       replace_block, units_line)
-from jobs.manifest import load_manifest  # noqa: E402
+from benchmarks import universal_figures  # noqa: E402
+from benchmarks.readme_figures import MetricFigures, figures_cli, finished_run, query, units_line  # noqa: E402
 
 MANIFEST = REPO / "manifests" / "beyond.yaml"
 BEGIN = "<!-- beyond figures: begin (written by `make figures`; edits here are overwritten) -->"
@@ -88,34 +86,9 @@ def figures_block(root: str, run: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results", help="result root holding the run (default: results)")
-    ap.add_argument("--run", action="store_true", help="run (or finish) manifests/beyond.yaml into --out first")
-    ap.add_argument("--readme", default=str(REPO / "README.md"), help="the file whose marked block is rewritten")
-    ap.add_argument("--print", action="store_true", help="print the block instead of writing the README")
-    ap.add_argument("--run-id", help="read this run instead of the manifest's own (e.g. one stored before the "
-                                     "manifest changed)")
-    args = ap.parse_args(argv)
-    try:
-        run_id = args.run_id or load_manifest(MANIFEST).run_id
-        run = finished_run(args.out, run_id)
-        if run is None and args.run:
-            subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(MANIFEST), "--out", args.out],
-                           cwd=REPO, check=True)
-            run = finished_run(args.out, run_id)
-        if run is None:
-            raise FiguresError(f"{args.out} holds no finished run {run_id} of {MANIFEST.name}: pass --run to run "
-                               f"it into --out")
-        block = figures_block(args.out, run)
-        if args.print:
-            print(block)
-        else:
-            replace_block(Path(args.readme), block, BEGIN, END)
-            print(f"rewrote the beyond figures in {args.readme} from run {run_id} in {args.out}")
-    except FiguresError as error:
-        print(f"beyond_figures: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return figures_cli(argv, doc=__doc__, script="beyond_figures", manifest=MANIFEST, blocks=[
+        (universal_figures.BEGIN, universal_figures.END, universal_figures.figures_block),
+        (BEGIN, END, figures_block)])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,33 +43,47 @@ class FiguresError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results", help="result root holding the quickstart run (default: results)")
+    return figures_cli(argv, doc=__doc__, script="readme_figures", manifest=QUICKSTART,
+                       blocks=[(BEGIN, END, figures_block)],
+                       missing="run `make quickstart`, or pass --run to run it into --out")
+
+
+# a README block: its begin and end markers, and how to build it from (result root, `runs` row)
+Block = tuple[str, str, Callable[[str, dict], str]]
+
+
+def figures_cli(argv: list[str] | None, *, doc: str, script: str, manifest: Path, blocks: list[Block],
+                missing: str = "pass --run to run it into --out") -> int:
+    """The command line every figures script shares: find the finished run of `manifest` (its own
+    run id unless --run-id) in --out, running it first with --run, and rewrite each block from it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results", help="result root holding the run (default: results)")
     ap.add_argument("--run", action="store_true",
-                    help="run (or finish) the quickstart into --out first unless it is there, finished")
-    ap.add_argument("--readme", default=str(REPO / "README.md"), help="the file whose marked block is rewritten")
-    ap.add_argument("--print", action="store_true", help="print the block instead of writing the README")
-    ap.add_argument("--run-id", help="read this run instead of the quickstart manifest's own (e.g. one stored "
-                                     "before the manifest's defaults changed)")
+                    help=f"run (or finish) {manifest.name} into --out first unless it is there, finished")
+    ap.add_argument("--readme", default=str(REPO / "README.md"), help="the file whose marked blocks are rewritten")
+    ap.add_argument("--print", action="store_true", help="print the blocks instead of writing the README")
+    ap.add_argument("--run-id", help="read this run instead of the manifest's own (e.g. one stored before the "
+                                     "manifest changed)")
     args = ap.parse_args(argv)
     try:
-        run_id = args.run_id or load_manifest(QUICKSTART).run_id
+        run_id = args.run_id or load_manifest(manifest).run_id
         run = finished_run(args.out, run_id)
         if run is None and args.run:
-            subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(QUICKSTART), "--out", args.out],
+            subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(manifest), "--out", args.out],
                            cwd=REPO, check=True)
             run = finished_run(args.out, run_id)
         if run is None:
-            raise FiguresError(f"{args.out} holds no finished run {run_id} of {QUICKSTART.name}: run "
-                               f"`make quickstart`, or pass --run to run it into --out")
-        block = figures_block(args.out, run)
-        if args.print:
-            print(block)
-        else:
-            replace_block(Path(args.readme), block)
-            print(f"rewrote the quickstart figures in {args.readme} from run {run_id} in {args.out}")
+            raise FiguresError(f"{args.out} holds no finished run {run_id} of {manifest.name}: {missing}")
+        for begin, end, build in blocks:
+            block = build(args.out, run)
+            if args.print:
+                print(block)
+            else:
+                replace_block(Path(args.readme), block, begin, end)
+        if not args.print:
+            print(f"rewrote {len(blocks)} figures block(s) in {args.readme} from run {run_id} in {args.out}")
     except FiguresError as error:
-        print(f"readme_figures: {error}", file=sys.stderr)
+        print(f"{script}: {error}", file=sys.stderr)
         return 2
     return 0
 
