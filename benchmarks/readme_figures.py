@@ -74,8 +74,8 @@ def figures_cli(argv: list[str] | None, *, doc: str, script: str, manifest: Path
             run = finished_run(args.out, run_id)
         if run is None:
             raise FiguresError(f"{args.out} holds no finished run {run_id} of {manifest.name}: {missing}")
-        for begin, end, build in blocks:
-            block = build(args.out, run)
+        built = [(begin, end, build(args.out, run)) for begin, end, build in blocks]  # before the README changes
+        for begin, end, block in built:
             if args.print:
                 print(block)
             else:
