@@ -129,7 +129,7 @@ class MetricFigures:
             if all(c is None for c in cells):
                 continue
             values = joint.join("–" if c is None else f"{c[0]:.2f}" for c in cells)
-            n = "/".join(sorted({str(c[1]) for c in cells if c is not None}))
+            n = "/".join(dict.fromkeys(str(c[1]) for c in cells if c is not None))  # distinct, in the cells' order
             named = judge and len(self.judges) > 1  # a single judge needs no name
             parts.append(f"{judge + ': ' if named else ''}{values} (n = {n})")
         return "; ".join(parts) or "not measured"

@@ -32,6 +32,7 @@ HEADLINE_METRICS = {
     "safex": ("refusal_after", "refusal_before"),
     "fsour_transfer": ("transfer_asr", "transfer_asr_baseline"),  # other prompts' routes vs unrouted
     "route_monitor": ("asr_adaptive", None),  # the adaptive attacker; its detection: metrics
+    "universal_route": ("universal_asr_heldout", "asr_heldout_unrouted"),  # one route on prompts it never saw
 }
 _ASR_AT_L = re.compile(r"asr_at_L(\d+)")
 

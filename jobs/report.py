@@ -14,6 +14,7 @@ import base64
 import io
 import math
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,9 +32,11 @@ from core.schemas import RESULT_TABLES, RUNS_TABLE, UNITS_TABLE  # noqa: E402
 from core.store import ResultStore, StoreError  # noqa: E402
 
 SECTIONS = (("overview", "Overview"), ("rosais", "RoSais"), ("safex", "SAFEx"), ("fsour", "F-SOUR"),
-            ("steermoe", "SteerMoE"), ("maps", "Where safety lives"), ("compare", "Compare"),
+            ("steermoe", "SteerMoE"), ("beyond", "Beyond the papers"), ("maps", "Where safety lives"),
+            ("compare", "Compare"),
             ("samples", "Sample answers"))
 REPORT_FILE = "report.html"
+BEYOND_METHODS = ("fsour_transfer", "universal_route", "route_monitor")  # every metric of theirs, as a table
 SAFEX_GROUPS = ("regular", "jailbreak", "benign")
 _RC = {"svg.fonttype": "path", "svg.hashsalt": "moesafe", "font.size": 9, "axes.titlesize": 10,
        "axes.spines.top": False, "axes.spines.right": False}
@@ -397,6 +400,8 @@ def build_context(tables: dict[str, list[dict]], root: str, compare: tuple[str, 
     steermoe = [Block(f"{key[1]} · {key[2]} · run {key[0]}", [_steer_figure(key, top)], rows=top)
                 for key, top in steer_top.items()]
 
+    beyond = beyond_blocks(judged)
+
     maps = []
     models = sorted({(r["run_id"], r["model"]) for name in ("rosais_scores", "safex_experts", "fsour_routes",
                                                              "steer_experts", "safex_counts") for r in tables[name]})
@@ -423,10 +428,21 @@ def build_context(tables: dict[str, list[dict]], root: str, compare: tuple[str, 
         "models": numbers.model_summaries(runs, tables["metrics"], tables[UNITS_TABLE]),
         "health": health, "failed": numbers.failed_units(tables[UNITS_TABLE]),
         "wall": _wall_per_model(health), "overview": overview, "metrics": judged,
-        "rosais": rosais, "safex": safex, "fsour": fsour, "steermoe": steermoe, "maps": maps,
+        "rosais": rosais, "safex": safex, "fsour": fsour, "steermoe": steermoe, "beyond": beyond,
+        "maps": maps,
         "compare": comparison, "compare_runs": compare,
         "samples": numbers.sample_answers(tables["generations"]),
     }
+
+
+def beyond_blocks(judged: list[dict]) -> list[Block]:
+    """Per run and model, every metric row of the beyond-the-papers methods (transfer rates,
+    the universal route's train / held-out / benign rates, the monitor's AUROC and detection)."""
+    rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in judged:
+        if r["method"] in BEYOND_METHODS:
+            rows[(r["run_id"], r["model"])].append(r)
+    return [Block(f"{model} · run {run_id}", rows=found) for (run_id, model), found in sorted(rows.items())]
 
 
 def _group_order(group: str) -> int:

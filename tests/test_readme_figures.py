@@ -68,7 +68,7 @@ def test_block_is_rewritten_from_the_run_and_the_rest_is_kept(tmp_path, quicksta
     assert "| RoSais | ASR(L), L = 0, 2, 10 | 0.00, 0.50, 1.00 (n = 4) |" in text  # numeric order of L
     assert "| RoSais | layers by mean score (highest first) | 1 (3.25), 0 (1.50) |" in text
     assert "| SAFEx | HCDG / HRCG (layer:expert) | 1 (1:6) / **empty** |" in text
-    assert "| SAFEx | refusal on reg: before → HRCG off → as many random off | 1.00 → 0.50 → 1.00 (n = 2/4) |" in text
+    assert "| SAFEx | refusal on reg: before → HRCG off → as many random off | 1.00 → 0.50 → 1.00 (n = 4/2) |" in text
     assert "| SteerMoE | ASR unsteered → steered | 0.00 → 0.25 (n = 4) |" in text
     assert f"Run `{RUN}`: 3 units, " in text and "(6 s summed over units)" in text and "torch 2.13.0, transformers 5.1, ray 2.60" in text
     assert " cores (" in text and "at commit " in text

@@ -531,3 +531,21 @@ def test_report_opens_offline_in_chromium_without_errors_or_requests(real_root, 
     requested = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
     assert page.as_uri() in requested
     assert [u for u in requested if not u.startswith(("file://", "data:"))] == [], "the page fetched from a network"
+
+
+def test_beyond_section_lists_every_metric_of_the_three_methods_per_run_and_model():
+    from jobs.report import beyond_blocks
+
+    def row(run_id, model, method, metric, value, n):
+        return {"run_id": run_id, "model": model, "method": method, "dataset": "h", "judge": "refusal",
+                "metric": metric, "value": value, "n": n, "rate": numbers.metric_rate(value, n)}
+
+    judged = [row("r1", "m", "fsour", "asr", 1.0, 4), row("r1", "m", "route_monitor", "monitor_auroc", 0.75, 8),
+              row("r1", "m", "universal_route", "slots_forced", 7.0, 1), row("r2", "m", "fsour_transfer",
+                                                                            "transfer_asr", 0.5, 10)]
+    blocks = beyond_blocks(judged)
+    assert [b.title for b in blocks] == ["m · run r1", "m · run r2"]
+    assert [r["metric"] for r in blocks[0].rows] == ["monitor_auroc", "slots_forced"]  # fsour is not theirs
+    assert blocks[0].rows[1]["rate"] is None and blocks[1].rows[0]["rate"].k == 5  # a count is no share
+    assert numbers.headline_metrics("universal_route", ["universal_asr_heldout", "asr_heldout_unrouted"]) == (
+        "universal_asr_heldout", "asr_heldout_unrouted")
