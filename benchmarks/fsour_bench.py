@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--model", help="model directory (default: the sandbox model, built if needed)")
     ap.add_argument("--dtype", default="float64", help="float64 makes batched and serial agree exactly")
     ap.add_argument("--prompts", type=int, default=2, help="held-out harmful sandbox prompts to attack")
-    ap.add_argument("--candidates", type=int, default=100, help="N per coordinate (SPEC default 100)")
+    ap.add_argument("--candidates", type=int, default=100, help="N per coordinate (the paper's default: 100)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads; tiny models run fastest on one (more oversubscribe a shared CPU)")

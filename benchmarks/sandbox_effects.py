@@ -1,7 +1,7 @@
 """What each method does to the sandbox model, judged by the sandbox judge (and the refusal judge
 beside it), calling the core functions directly (no Ray, no store).
 
-On the held-out harmful prompts (first `--prompts` of each group), SPEC defaults for every method
+On the held-out harmful prompts (first `--prompts` of each group), the published defaults for every method
 except F-SOUR's and RoSais's answer length (`--max-new-tokens`, as the quickstart; the sandbox's
 answers end well before it). The functions take the methods' params, so tests run them small.
 - F-SOUR: per prompt, the unattacked answer, then restarts until jailbroken; ASR of the reported

@@ -1,5 +1,5 @@
 """Chat helpers shared by the methods: one user turn, no system prompt, the model's own chat template
-(SPEC §8, generation defaults), left padding, greedy decoding.
+(generation defaults), left padding, greedy decoding.
 
 They work for any Hugging Face chat model: the template is rendered to text first and tokenised
 without extra special tokens, so templates that write their own BOS are not doubled.

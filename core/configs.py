@@ -1,5 +1,5 @@
 """Model configs built from scratch: tiny ones of every family (tests, CPU benchmarks) and the real
-architectures of SPEC §7 (random-weight GPU benchmarks). No hub access needed."""
+architectures of the published models (`moesafe models`; random-weight GPU benchmarks). No hub access needed."""
 from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig

@@ -1,4 +1,4 @@
-"""Prompt datasets (SPEC §8): named benchmarks, the synthetic sandbox sets, and any CSV / JSONL /
+"""Prompt datasets: named benchmarks, the synthetic sandbox sets, and any CSV / JSONL /
 Parquet file, local or remote (s3:// and other fsspec URLs), all as `PromptRecord`s.
 
     load_prompts("jbb", split="harmful")                     # JailbreakBench from the hub
@@ -25,7 +25,7 @@ DATASETS: tuple[str, ...] = ("jbb", "advbench", "advbench50", "sandbox")
 FILE_TYPES: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 FIELDS: tuple[str, ...] = ("prompt", "target", "category", "id")
 
-# SPEC §8: the F-SOUR paper's 50 prompts, 0-based rows of AdvBench's harmful_behaviors.csv.
+# The F-SOUR paper's 50 prompts, 0-based rows of AdvBench's harmful_behaviors.csv.
 ADVBENCH50_ROWS: tuple[int, ...] = (
     1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 25, 26, 27, 28, 29, 30, 32, 33, 34, 37, 39, 42,
     43, 45, 51, 52, 53, 55, 56, 57, 58, 70, 72, 73, 74, 75, 76, 81, 82, 86, 90, 93, 94, 96, 106,
@@ -247,7 +247,7 @@ def _sandbox_table(split: str, sandbox_split: str) -> Table:
 
 
 def _advbench50_rows(table: Table, origin: str) -> list[tuple[int, int]]:
-    """(position in `table`, AdvBench row) of SPEC's 50 rows, from the full set or from the
+    """(position in `table`, AdvBench row) of the F-SOUR paper's 50 rows, from the full set or from the
     published subset file, whose "Original index" column gives each row's AdvBench row."""
     columns, rows = table
     if len(rows) == ADVBENCH_ROWS:
@@ -263,7 +263,7 @@ def _advbench50_rows(table: Table, origin: str) -> list[tuple[int, int]]:
         raise DatasetError(f"{origin}: column {original!r} must hold row numbers") from None
     if sorted(indices) != list(ADVBENCH50_ROWS):
         raise DatasetError(f"{origin}: its {original!r} column does not list the 50 AdvBench rows "
-                           f"of SPEC §8")
+                           f"the F-SOUR paper used (core.datasets.ADVBENCH50_ROWS)")
     position = {index: i for i, index in enumerate(indices)}
     return [(position[index], index) for index in ADVBENCH50_ROWS]
 

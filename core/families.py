@@ -1,4 +1,4 @@
-"""Per-family router rules: every supported MoE family's selection, written once (SPEC §1).
+"""Per-family router rules: every supported MoE family's selection, written once.
 
 In transformers 5.x each router returns `(router_logits, top_k_weights, top_k_indices)` and the
 selection happens inside the router. Route control therefore re-runs the family's selection on

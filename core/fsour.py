@@ -1,4 +1,4 @@
-"""F-SOUR: fine-grained token x layer stochastic search for an unsafe route (SPEC §3).
+"""F-SOUR: fine-grained token x layer stochastic search for an unsafe route.
 
 For one prompt and one restart, `fsour_search` walks prompt positions t (left to right) and MoE
 layers l (ascending); at each coordinate it draws N random k-subsets of experts and keeps the
@@ -33,7 +33,7 @@ from core.routing import Route, Scope, mask_allowing
 
 @dataclass(frozen=True)
 class FsourParams:
-    """SPEC §3 defaults. Each field's `help` is what `moesafe params fsour` prints."""
+    """The published defaults. Each field's `help` is what `moesafe params fsour` prints."""
 
     candidates: int = field(default=100, metadata={"help": "N: random expert sets tried at each (token, layer)"})
     restarts: int = field(default=5, metadata={
@@ -261,7 +261,7 @@ SCORERS = {"batched": BatchedScorer, "serial": SerialScorer}
 def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
                  params: FsourParams = FsourParams(), scorer: str = "batched",
                  natural_pool: int | None = None) -> FsourRun:
-    """One restart of the search (SPEC §3). `scorer="serial"` runs the reference semantics.
+    """One restart of the search. `scorer="serial"` runs the reference semantics.
 
     `natural_pool=m` draws each coordinate's candidates among the m experts the router itself
     ranks highest there (under the route found so far) instead of among all experts: the adaptive

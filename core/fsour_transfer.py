@@ -37,7 +37,7 @@ from core.stored_routes import ALIGNMENTS, align_steps, prompt_lengths, random_s
 
 @dataclass(frozen=True)
 class TransferParams(FsourParams):
-    """F-SOUR's parameters (the search whose routes are transferred; SPEC §3 defaults) and the transfer's."""
+    """F-SOUR's parameters (the search whose routes are transferred; the published defaults) and the transfer's."""
 
     random_draws: int = field(default=1, metadata={
         "help": "random-expert controls per (source, destination, alignment), same slots as the route"})

@@ -1,4 +1,4 @@
-"""RoSais: Router Safety importance score, and the attack that masks the highest-scoring routers (SPEC §2).
+"""RoSais: Router Safety importance score, and the attack that masks the highest-scoring routers.
 
 For a prompt Q, p(Q) is the log-probability of the likeliest affirmative first token ("Sure",
 "Here", ...) at the first response position. For MoE layer l, S1 random masks each allow exactly
@@ -35,7 +35,7 @@ AFFIRMATIVE_WORDS: tuple[str, ...] = ("Sure", "Here", "Certainly", "Absolutely",
 
 @dataclass(frozen=True)
 class RosaisParams:
-    """SPEC §2 defaults. Each field's `help` is what `moesafe params rosais` prints."""
+    """The published defaults. Each field's `help` is what `moesafe params rosais` prints."""
 
     s1: int = dataclasses.field(default=16, metadata={"help": "S1: random masks tried per (prompt, router)"})
     seed: int = dataclasses.field(default=42, metadata={"help": "masks depend on (seed, prompt id, layer) only"})

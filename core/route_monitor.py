@@ -47,7 +47,7 @@ GROUPS: tuple[str, ...] = (*NEGATIVE_GROUPS, "fsour", "adaptive")
 
 @dataclass(frozen=True)
 class MonitorParams(FsourParams):
-    """F-SOUR's parameters (its routes are the attack; SPEC §3 defaults; the adaptive attacker uses
+    """F-SOUR's parameters (its routes are the attack; the published defaults; the adaptive attacker uses
     them too) and the monitor's."""
 
     pool_factor: int = field(default=2, metadata={

@@ -30,7 +30,7 @@ from core.families import Family, UnsupportedModelError, family_for
 
 Scope = Literal["prompt", "all"]
 SCOPES: tuple[str, ...] = ("prompt", "all")
-STEER_EPS = 0.01  # SteerMoE's epsilon (SPEC §1)
+STEER_EPS = 0.01  # SteerMoE's epsilon
 NEG_INF = float("-inf")
 
 

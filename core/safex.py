@@ -1,4 +1,4 @@
-"""SAFEx: stability-based selection of safety-critical experts (Lai et al. 2025; SPEC §4).
+"""SAFEx: stability-based selection of safety-critical experts (Lai et al. 2025).
 
 Three steps, each a function the runtime can run as its own unit:
 
@@ -43,7 +43,7 @@ EXPERT_SETS: tuple[str, ...] = ("E_top_regular", "E_top_jailbreak", "HCDG", "HRC
 
 @dataclasses.dataclass(frozen=True)
 class SafexParams:
-    """SAFEx settings (SPEC §4 defaults; the paper gives none). Each field's `help` is what
+    """SAFEx settings (the paper gives no defaults; these are the project's). Each field's `help` is what
     `moesafe params safex` prints."""
 
     rounds: int = dataclasses.field(default=100, metadata={"help": "S: bootstrap rounds over each prompt group"})

@@ -7,7 +7,7 @@ column's type or meaning needs a new column name, never an edit in place.
 
 Every method table (all but `runs` and `units`) carries `run_id`, `model` (the `model_slug`),
 `unit_id` and `params` (the method's parameters as JSON); those whose rows were produced under
-a route mask also carry `scope` ("prompt" or "all", SPEC §1). JSON columns accept any
+a route mask also carry `scope` ("prompt" or "all"; docs/METHODS.md). JSON columns accept any
 JSON-serialisable value in `build_table` and are stored as text with sorted keys.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SteerMoE baseline ("Steering MoE LLMs via Expert (De)Activation", 2025; SPEC §5).
+"""SteerMoE baseline ("Steering MoE LLMs via Expert (De)Activation", 2025).
 
 Experts are ranked by the risk difference between two paired behaviours on the same prompts,
 teacher forced (chat(Q) + response, only the response tokens counted):
@@ -7,7 +7,7 @@ teacher forced (chat(Q) + response, only the response tokens counted):
     delta = p_1 - p_2, ranked by |delta|
 
 By convention behaviour 1 is refusal and behaviour 2 compliance, so delta > 0 marks experts tied
-to refusal. Steering (SPEC §1, eps = 0.01 in core.routing) pushes the experts to activate above
+to refusal. Steering (eps = 0.01 in core.routing) pushes the experts to activate above
 the router's best score and those to deactivate below its worst, then selects as usual:
 mode "safe" activates refusal experts and deactivates compliance ones, "unsafe" the reverse.
 """

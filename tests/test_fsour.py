@@ -1,4 +1,4 @@
-"""F-SOUR: the batched search agrees with its serial scorer, and the restart logic is the SPEC's.
+"""F-SOUR: the batched search agrees with its serial scorer, and the restart logic is the paper's.
 
 Both scorers run under one loop here; the independent check (a reference loop sharing no code
 with core/fsour.py, with exact ties) is tests/test_fsour_reference.py."""

@@ -1,4 +1,4 @@
-"""F-SOUR against a reference loop written from the SPEC's pseudo-code, sharing no code with core/fsour.py.
+"""F-SOUR against a reference loop written from the paper's pseudo-code, sharing no code with core/fsour.py.
 
 The reference is the paper's sequential loop: batch 1, one full forward per candidate and per
 coordinate's baseline, candidates compared one by one against the running best with a strict `>`
@@ -71,7 +71,7 @@ def joint_logprob(lm, problem: Problem, route: dict[tuple[int, int], tuple[int, 
 
 def reference_search(lm, prompt: str, target: str, restart: int, candidates: int, threshold: float,
                      seed: int = 42) -> ReferenceRun:
-    """SPEC §3's loop for one restart, written out plainly."""
+    """The paper's loop for one restart, written out plainly."""
     problem = encode(lm, prompt, target)
     p, e, k, n_layers = problem.prompt_len, lm.control.num_experts, lm.control.top_k, lm.control.num_layers
     route: dict[tuple[int, int], tuple[int, ...]] = {}

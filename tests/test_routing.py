@@ -68,7 +68,7 @@ def test_no_intervention_gives_identical_logits(tiny):
 
 
 def _expected_forced_weights(family: str, router, logits: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-    """The SPEC §1 weight rule on a forced set, computed independently: logits (E,), forced (k,)."""
+    """The weight rule on a forced set, computed independently: logits (E,), forced (k,)."""
     z = logits[forced]
     if family == "deepseek_v3":
         w = z.sigmoid()

@@ -1,4 +1,4 @@
-"""SAFEx (SPEC §4): counts on tiny models against by-hand counts, the bootstrap against a naive
+"""SAFEx: counts on tiny models against by-hand counts, the bootstrap against a naive
 per-round loop, expert-set algebra, and validation with disabled experts."""
 from __future__ import annotations
 

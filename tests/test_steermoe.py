@@ -1,4 +1,4 @@
-"""SteerMoE baseline (SPEC §5): response-only counts against batch-1 by-hand counts, the |delta|
+"""SteerMoE baseline: response-only counts against batch-1 by-hand counts, the |delta|
 ranking, the steering route, and steering's effect on the selected experts."""
 from __future__ import annotations
 

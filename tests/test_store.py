@@ -23,7 +23,7 @@ RUN = "run-1"
 MODEL = "Org/Model-A"
 SLUG = "Org--Model-A"
 
-# One realistic row set per result table (SPEC §2–§6), nested columns and nulls included.
+# One realistic row set per result table , nested columns and nulls included.
 SAMPLE_ROWS: dict[str, list[dict]] = {
     "rosais_scores": [
         dict(prompt_id="jbb-0", dataset="jbb", layer=3, score=1.25, baseline_logprob=-4.5,
