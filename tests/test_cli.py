@@ -32,7 +32,7 @@ def store_root(tmp_path) -> str:
     root = str(tmp_path / "results")
     store = ResultStore(root)
     store.write_run(RUN, "models: []\n", versions={"moesafe": "0.1.0"})
-    unit = {"method": "fsour", "kind": "fsour_restart", "status": "ok", "attempts": 1, "seconds": 1.5, "error": None}
+    unit = {"method": "fsour", "kind": "fsour_search", "status": "ok", "attempts": 1, "seconds": 1.5, "error": None}
     store.write_unit(RUN, "sandbox", "fsour-0000", {"metrics": [
         dict(dataset="sandbox-heldout-regular", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr",
              value=0.75, n=8)]}, unit)
@@ -62,8 +62,8 @@ def test_methods_lists_the_registry(capsys):
     code, out, _ = moesafe(capsys, "methods")
     lines = out.splitlines()
     assert code == 0 and [line.split(":")[0] for line in lines[::2]] == list(METHODS)
-    assert lines[0] == ("fsour: dataset: <name>; every prompt needs a target; writes fsour_routes, generations, "
-                        "metrics")
+    assert lines[0] == ("fsour: dataset: <name>; every prompt needs a target; writes fsour_routes, fsour_searches, "
+                        "generations, metrics")
     assert lines[1].startswith("  params: candidates=100, restarts=5, threshold=0.8, seed=42")
     assert "safex: datasets: regular, jailbreak, benign (optional); writes safex_counts" in out
 
