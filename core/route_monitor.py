@@ -20,6 +20,8 @@ The adaptive attacker is F-SOUR whose candidates at each (token, layer) are k-su
 router's own top (pool_factor x k) experts there (core.fsour.fsour_search's `natural_pool`), so
 that every forced expert is one the router nearly chose. Its ASR and the monitor's AUROC against
 it say whether staying close to the router's choice evades the monitor, and what it costs the attack.
+Its restarts run as F-SOUR's do (core.fsour.searched_restarts): one unit per search, rows in
+`fsour_searches`, then the answers in batches, each row under its own route.
 
 F-SOUR's stages run first, shared with an `fsour` entry of the same settings (core.method.derived,
 as in core/fsour_transfer.py).
