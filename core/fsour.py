@@ -330,9 +330,9 @@ def fsour_precheck(lm: LoadedModel, items: Sequence[PromptLike], judge, params: 
             generation_rows(items, answers, verdicts, "fsour", "baseline", None, params.to_json()))
 
 
-# What an answer unit needs of a search: the plan reads these from `fsour_searches` into its payload.
-SEARCH_FIELDS: tuple[str, ...] = ("restart", "route", "joint_logprob", "forwards", "candidates", "seconds",
-                                  "prompt_tokens")
+# What an answer unit needs of a search: the plan reads these from `fsour_searches` into its payload
+# (`searches`; each search's `seconds` in `timings`, which unit ids do not hash).
+SEARCH_FIELDS: tuple[str, ...] = ("restart", "route", "joint_logprob", "forwards", "candidates", "prompt_tokens")
 
 
 def search_row(lm: LoadedModel, item: PromptLike, restart: int, params: FsourParams = FsourParams(),
@@ -439,8 +439,15 @@ def searched_restarts(ctx: PlanContext, dataset: str, todo: Sequence[PromptLike]
                  if r["dataset"] == dataset}
         searched = [(p, found[p.id, r]) for p in todo for r in restarts if (p.id, r) in found]
         yield [ctx.unit(answer_kind, prompts=prompt_dicts([p for p, _ in chunk]),
-                        searches=[{name: search[name] for name in SEARCH_FIELDS} for _, search in chunk])
+                        searches=[{name: search[name] for name in SEARCH_FIELDS} for _, search in chunk],
+                        timings=[search["seconds"] for _, search in chunk])
                for chunk in chunks(searched, ctx.prompts_per_unit)]
+
+
+def payload_searches(unit: WorkUnit) -> list[dict]:
+    """An answer unit's searches, each with its `seconds` (from `timings`)."""
+    return [{**search, "seconds": seconds} for search, seconds in zip(unit.payload["searches"],
+                                                                      unit.payload["timings"])]
 
 
 def _precheck_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
@@ -459,7 +466,7 @@ def _search_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) ->
 
 
 def _answer_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
-    rows, gens = fsour_answers(lm, records(unit.payload), unit.payload["searches"], judge, params)
+    rows, gens = fsour_answers(lm, records(unit.payload), payload_searches(unit), judge, params)
     return {"fsour_routes": rows, "generations": gens}
 
 

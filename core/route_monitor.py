@@ -36,7 +36,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from core.chat import JudgePanel, generation_rows
-from core.fsour import FsourParams, answer_searches, search_unit, searched_restarts, select_restart
+from core.fsour import FsourParams, answer_searches, payload_searches, search_unit, searched_restarts, \
+    select_restart
 from core.fsour_transfer import fsour_params, reported_routes
 from core.method import Method, PlanContext, Read, Rows, UnitKind, WorkUnit, chunks, derived, nested_stages, \
     prompt_dicts, rate, records, verdicts_of
@@ -131,7 +132,7 @@ def _adaptive_search_unit(unit: WorkUnit, lm, judge, params: MonitorParams) -> R
 
 def _adaptive_answer_unit(unit: WorkUnit, lm, judge, params: MonitorParams) -> Rows:
     """The adaptive attacker's searches of a chunk, answered in batches under their routes, scored, judged."""
-    items, searches = records(unit.payload), unit.payload["searches"]
+    items, searches = records(unit.payload), payload_searches(unit)
     answered = answer_searches(lm, items, searches, judge, params, params.batch_size)
     route = Route(scope=params.scope)
     rows, gens = [], []

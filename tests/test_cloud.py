@@ -23,7 +23,7 @@ from jobs.manifest import load_manifest
 from jobs.runner import RunError, run_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-TIME_COLUMNS = ("seconds", "finished_at")
+TIME_COLUMNS = ("seconds", "search_seconds", "finished_at")
 
 # One method at the smallest size with several units per stage: the figures are about scheduling.
 MANIFEST = """

@@ -13,8 +13,8 @@ import torch
 from core.configs import save_tiny_model
 from core.datasets import PromptRecord
 from core.chat import judged_answers
-from core.fsour import (METHOD, FsourParams, _encode, _joint_logprob, answer_searches, draw_candidates, fsour_answers,
-                        fsour_search, search_row, select_restart)
+from core.fsour import (METHOD, SEARCH_FIELDS, FsourParams, _encode, _joint_logprob, answer_searches, draw_candidates,
+                        fsour_answers, fsour_search, search_row, select_restart)
 from core.method import WorkUnit, prompt_dicts
 from core.judges import Verdict
 from core.models import load_model
@@ -176,10 +176,10 @@ def test_an_answer_unit_generates_its_searches_in_one_batch(tiny, searched, monk
 
     monkeypatch.setattr(tiny.model, "generate", counted)
     unit = WorkUnit("u", "m", "fsour", "fsour_answer",
-                    {"prompts": prompt_dicts(items), "searches": [{k: s[k] for k in (
-                        "restart", "route", "joint_logprob", "forwards", "candidates", "seconds", "prompt_tokens")}
-                        for s in searches]})
+                    {"prompts": prompt_dicts(items), "searches": [{k: s[k] for k in SEARCH_FIELDS} for s in searches],
+                     "timings": [s["seconds"] for s in searches]})
     out = METHOD.kind("fsour_answer").run(unit, tiny, _AlwaysRefused(), ANSWER_PARAMS)
     assert len(calls) == 1 and calls[0][0] == 3
     assert [(r["prompt_id"], r["restart"]) for r in out["fsour_routes"]] == [("p0", 0), ("p1", 0), ("p0", 1)]
     assert len(out["generations"]) == 3
+    assert [r["search_seconds"] for r in out["fsour_routes"]] == [s["seconds"] for s in searches]

@@ -256,7 +256,12 @@ def test_fsour_restarts_only_what_the_deciding_judge_left_unjailbroken():
         assert rows == expected
         assert [s["route"] for s in answer.payload["searches"]] == [searched(*row)["route"] for row in expected]
         assert set(answer.payload["searches"][0]) == {"restart", "route", "joint_logprob", "forwards", "candidates",
-                                                       "seconds", "prompt_tokens"}
+                                                       "prompt_tokens"}
+        assert answer.payload["timings"] == [0.5, 0.5]  # each search's seconds, copied into its fsour_routes row
+    # a search's wall time differs between two runs of it; the answer unit is the same unit
+    retimed = run_plan(fsour_context(stored, searches=[{**s, "seconds": 9.0} for s in searches]), lambda *_: None)
+    assert [u.unit_id for s in retimed for u in s] == [u.unit_id for s in stages for u in s]
+    assert retimed[2][0].payload["timings"] == [9.0, 9.0]
     assert all(u.payload["judges"] == ["a", "b"] for s in stages for u in s)
 
 

@@ -22,7 +22,7 @@ from core.store import ResultStore
 from jobs.runner import run_manifest
 from tests.test_runtime import RESULT_TABLES, _manifest
 
-TIMINGS = {"unit_id", "run_id", "seconds"}  # what differs between two runs of one manifest
+TIMINGS = {"unit_id", "run_id", "seconds", "search_seconds"}  # what differs between two runs of one manifest
 
 
 @pytest.fixture(scope="module")
