@@ -14,8 +14,11 @@ import ray
 import torch
 
 from core.chat import encode_chat
+from core.datasets import PromptRecord
 from core.fsour import BatchedScorer, FsourParams, SerialScorer, _encode, fsour_search
 from core.fsour_transfer import TransferParams, condition as transfer_condition, transfer_rows
+from core.method import PlanContext
+from core.methods import get_method
 from core.models import load_model
 from core.routing import Route
 from core.route_monitor import MonitorParams, auroc, detection_at_fpr
@@ -161,6 +164,60 @@ def test_adaptive_attacker_forces_only_experts_the_router_ranks_near_its_choice(
         for layer in range(control.num_layers):
             assert batched.natural_top(t, layer, masks, forced, 4).tolist() == \
                 serial.natural_top(t, layer, masks, forced, 4).tolist()
+
+
+# ---- the monitor's plan ---------------------------------------------------------------------------
+
+def test_monitor_plan_searches_adaptive_restarts_alone_and_answers_them_in_batches():
+    """F-SOUR's pre-check leaves p1 and p2 unjailbroken; F-SOUR's restart 0 jailbreaks both (so no
+    F-SOUR restarts 1, 2). Beside the monitor's generations, the adaptive attacker searches restart 0
+    of p1 and p2 (one unit each), answers both in one unit; its restart 0 jailbreaks p1 only, so
+    restarts 1 and 2 of p2 are searched, then answered together. Each reads its own entry's rows."""
+    prompts = [PromptRecord(f"p{i}", f"w{i}", "t", None, "harm") for i in range(3)]
+    benign = [PromptRecord("b0", "w", None, None, "ben")]
+    monitor_params = MonitorParams(restarts=3)
+    fsour_params = FsourParams(restarts=3)
+
+    def search(prompt, restart, params):
+        return {"unit_id": "u", "prompt_id": prompt, "dataset": "harm", "restart": restart,
+                "route": [{"layer": 0, "token": restart, "experts": [1, 2]}], "joint_logprob": -1.0, "forwards": 1,
+                "candidates": 1, "seconds": 0.5, "prompt_tokens": 4, "params": params.to_json()}
+
+    def verdict(prompt, restart, jailbroken, **route):
+        return {"prompt_id": prompt, "dataset": "harm", "restart": restart, "jailbroken": jailbroken,
+                "score": float(jailbroken), **route}
+
+    fsour_tables = {"fsour_routes": [verdict("p0", -1, True), verdict("p1", -1, False), verdict("p2", -1, False),
+                                     *[verdict(p, 0, True, route=[{"layer": 1, "token": 0, "experts": [0, 1]}],
+                                               prompt_tokens=4) for p in ("p1", "p2")]],
+                    "fsour_searches": [search(p, 0, fsour_params) for p in ("p1", "p2")]}
+    monitor_tables = {"fsour_searches": [search(p, r, monitor_params) for p in ("p1", "p2") for r in range(3)],
+                      "route_monitor": [{**verdict("p1", 0, True), "group": "adaptive"},
+                                        {**verdict("p2", 0, False), "group": "adaptive"}]}
+    key = {"name": "m", "num_experts": 8}
+
+    def derive(method, params, datasets):
+        assert (method, params, datasets) == ("fsour", fsour_params, {"dataset": "harm"})
+        return PlanContext(key, "fsour", params, ("a",), {"dataset": prompts}, datasets, 8, 50, 4,
+                           lambda table: list(fsour_tables.get(table, [])))
+
+    ctx = PlanContext(key, "route_monitor", monitor_params, ("a",), {"harmful": prompts, "benign": benign},
+                      {"harmful": "harm", "benign": "ben"}, 8, 50, 4,
+                      lambda table: list(monitor_tables.get(table, [])), derive=derive)
+    stages = [[(u.kind, [p["id"] for p in u.payload.get("prompts", [])],
+                [s["restart"] for s in u.payload.get("searches", [])] or u.payload.get("restart")) for u in units]
+              for units in get_method("route_monitor").stages(ctx)]
+    assert stages == [
+        [("fsour_precheck", ["p0", "p1", "p2"], None)],
+        [("fsour_search", ["p1"], 0), ("fsour_search", ["p2"], 0)], [("fsour_answer", ["p1", "p2"], [0, 0])],
+        [], [],  # F-SOUR's restarts 1, 2: none left
+        [("monitor_score", ["b0"], None), ("monitor_score", ["p0", "p1", "p2"], None),
+         ("monitor_score", ["p1", "p2"], None),
+         ("monitor_adaptive_search", ["p1"], 0), ("monitor_adaptive_search", ["p2"], 0)],
+        [("monitor_adaptive_answer", ["p1", "p2"], [0, 0])],
+        [("monitor_adaptive_search", ["p2"], 1), ("monitor_adaptive_search", ["p2"], 2)],
+        [("monitor_adaptive_answer", ["p2", "p2"], [1, 2])],
+        [("route_monitor_metrics", [], None)]]
 
 
 # ---- reducers on hand-built rows ----------------------------------------------------------------
