@@ -350,6 +350,8 @@ def search_row(lm: LoadedModel, item: PromptLike, restart: int, params: FsourPar
 
 
 class AnsweredSearches(NamedTuple):
+    """Searches answered under their routes, row i of each field for searches[i]."""
+
     answers: list[str]
     verdicts: list[list]  # per answer, every judge's verdict, the deciding judge's first
     off_natural: torch.Tensor  # (B,) the routing monitor's counts (core.stored_routes.routed_answers)

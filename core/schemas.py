@@ -183,7 +183,7 @@ _ALL = [
         _col("candidates", pa.int64()),
         _col("seconds", pa.float64()),            # the search's wall time
         _col("prompt_tokens", pa.int32()),        # P, the chat-templated prompt's length
-        _col("natural_pool", pa.int32(), nullable=True),  # m: candidates among the router's own top m; null: all experts
+        _col("natural_pool", pa.int32(), nullable=True),  # m: candidates among the router's top m; null: all
     ], masked=True),
     # v2: prompt_tokens, so that where a route changed can be read from the end of the prompt.
     # v3: search_seconds; restarts are searched (fsour_searches) and answered in batches by separate units
