@@ -15,12 +15,13 @@ from core.judges import Verdict
 from core.method import PlanContext
 from core.methods import get_method
 from core.models import load_model
-from core.schemas import build_table
 from core.safex import stack_counts
+from core.schemas import build_table
 from core.steermoe import (BEHAVIOURS, REFUSAL_REPLY, SteerParams, behaviour_replies, response_routing, steer_counts,
                            steer_generate, steer_rank, steer_route)
 from core.store import ResultStore
 from core.universal_route import UniversalParams, split_prompts
+from jobs.runner import RunError, _check_schema
 
 KEY = dict(run_id="r", model="tiny", unit_id="u")
 PROMPTS = ["w1 w2 w3 w4 w5 w6", "w9 w8", "w20 w21 w22 w23"]
@@ -90,7 +91,7 @@ HARMFUL = _records(["w1 w2 w3 w4 w5 w6", "w9 w8", "w20 w21 w22 w23", "w30 w31", 
 
 
 def _single_pass(lm, prompts, dataset: str, params_json: str) -> list[dict]:
-    """The ranking as one unit computed it: each behaviour's counts summed in one forward over all prompts."""
+    """The ranking as one unit over all prompts computed it, here with one forward per behaviour."""
     texts = [p.prompt for p in prompts]
     summed = {b: response_routing(lm, texts, replies, batch_size=len(texts))
               for b, replies in behaviour_replies(prompts).items()}
@@ -98,11 +99,10 @@ def _single_pass(lm, prompts, dataset: str, params_json: str) -> list[dict]:
                       {b: t.sum(0, keepdim=True) for b, (_, t) in summed.items()}, dataset, params_json)
 
 
-def _ranking_stages(lm, method: str, params, prompts_per_unit: int, lose_chunk: int | None = None):
-    """Plan `method` up to its ranking: run its steer_counts units on `lm`, keep their rows as the store
-    would (each row through its table's schema), then run the steer_rank unit on the driver over
-    them. lose_chunk: that counting unit's rows never commit. Returns (counting units, ranking unit,
-    the ranking's rows or the exception it raised)."""
+def _counted(lm, method: str, params, prompts_per_unit: int, lose_chunk: int | None = None):
+    """Plan `method` up to its ranking and run its steer_counts units on `lm`, keeping their rows as
+    the store would (each row through its table's schema); lose_chunk: that counting unit's rows
+    never commit. Returns (counting units, ranking unit, what the driver reads)."""
     entry = get_method(method)
     stored: dict[str, list[dict]] = {}
     prompts = {"dataset": HARMFUL} if method == "steermoe" else {"harmful": HARMFUL, "benign": HARMFUL[:1]}
@@ -118,10 +118,12 @@ def _ranking_stages(lm, method: str, params, prompts_per_unit: int, lose_chunk: 
                 build_table("steer_counts", rows, run_id="r", model="tiny", unit_id=unit.unit_id).to_pylist())
     (ranking,) = next(stages)
     assert ranking.kind == "steer_rank" and ranking.on_driver and entry.kind("steer_rank").on_driver
-    try:
-        return counting, ranking, entry.kind("steer_rank").run(ranking, ctx.read, params)["steer_experts"]
-    except ValueError as e:
-        return counting, ranking, e
+    return counting, ranking, ctx.read
+
+
+def _ranked(method: str, ranking, read, params) -> list[dict]:
+    """The ranking unit run on the driver: `steer_experts` rows."""
+    return get_method(method).kind("steer_rank").run(ranking, read, params)["steer_experts"]
 
 
 @pytest.mark.parametrize("method, params", [("steermoe", SteerParams(batch_size=2)),
@@ -130,7 +132,8 @@ def test_split_ranking_is_the_single_pass_ranking_whatever_the_chunking(tiny, me
     trained = HARMFUL if method == "steermoe" else split_prompts(HARMFUL, params.train_prompts, params.seed)[0]
     expected = _single_pass(tiny, trained, "toy", params.to_json())
     for prompts_per_unit in (1, 2, len(trained)):
-        counting, ranking, rows = _ranking_stages(tiny, method, params, prompts_per_unit)
+        counting, ranking, read = _counted(tiny, method, params, prompts_per_unit)
+        rows = _ranked(method, ranking, read, params)
         assert len(counting) == -(-len(trained) // prompts_per_unit)
         assert sorted(p["id"] for u in counting for p in u.payload["prompts"]) == sorted(p.id for p in trained)
         assert rows == expected, f"{prompts_per_unit} prompts per unit rank otherwise than one pass"
@@ -139,17 +142,16 @@ def test_split_ranking_is_the_single_pass_ranking_whatever_the_chunking(tiny, me
 
 
 def test_ranking_names_the_counting_unit_whose_rows_are_missing(tiny):
-    counting, ranking, error = _ranking_stages(tiny, "steermoe", SteerParams(), 2, lose_chunk=1)
-    assert isinstance(error, ValueError) and counting[1].unit_id in str(error)
-    assert all(u.unit_id not in str(error) for i, u in enumerate(counting) if i != 1)
-    assert "steer_counts" in str(error) and "'toy'" in str(error)
+    counting, ranking, read = _counted(tiny, "steermoe", SteerParams(), 2, lose_chunk=1)
+    with pytest.raises(ValueError, match=r"no stored steer_counts of dataset 'toy' for the prompts of ") as error:
+        _ranked("steermoe", ranking, read, SteerParams())
+    assert counting[1].unit_id in str(error.value)
+    assert all(u.unit_id not in str(error.value) for i, u in enumerate(counting) if i != 1)
 
 
 def test_a_run_holding_a_steer_ranking_of_one_unit_is_not_resumed(tmp_path):
     """Rows of steer_experts v1 came from one unit over all prompts; this version ranks in another
     (driver) unit, so resuming would add a second ranking beside them: the schema rule refuses."""
-    from jobs.runner import RunError, _check_schema
-
     root = tmp_path / "results"
     store = ResultStore(str(root))
     store.write_unit("old", "tiny", "u1", {}, {"method": "steermoe", "kind": "steer_rank", "status": "ok",
