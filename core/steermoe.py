@@ -7,12 +7,14 @@ teacher forced (chat(Q) + response, only the response tokens counted):
     delta = p_1 - p_2, ranked by |delta|
 
 By convention behaviour 1 is refusal and behaviour 2 compliance, so delta > 0 marks experts tied
-to refusal. The counts are taken per prompt by `steer_counts` units, one per chunk of prompts, and
-stored; the ranking (`steer_rank`) is arithmetic on the driver over the stored integer counts, so
-it is the same however the prompts were chunked. core/universal_route.py ranks its training
-prompts with the same two units. Steering (eps = 0.01 in core.routing) pushes the experts to activate above
+to refusal. Steering (eps = 0.01 in core.routing) pushes the experts to activate above
 the router's best score and those to deactivate below its worst, then selects as usual:
 mode "safe" activates refusal experts and deactivates compliance ones, "unsafe" the reverse.
+
+The counts are taken per prompt by `steer_counts` units, one per chunk of prompts, and stored;
+the ranking (`steer_rank`) is arithmetic on the driver over the stored integer counts, so it is
+the same however the prompts were chunked. core/universal_route.py ranks its training prompts
+with the same two units.
 """
 from __future__ import annotations
 
@@ -169,13 +171,12 @@ def steer_generate(lm: LoadedModel, prompts: Sequence[PromptLike], route: Route 
 
 # ---- the method: plan, units, metrics ----------------------------------------------------------
 
-def ranking_units(ctx: PlanContext, prompts: Sequence[PromptLike], dataset: str) -> tuple[list[WorkUnit], WorkUnit]:
-    """The `steer_counts` units, one per chunk of prompts, and the `steer_rank` unit, which ranks
-    their stored counts on the driver once they are committed (a later stage). Any method whose
-    units include `RANKING_UNITS` ranks this way; `dataset` labels its `steer_experts` rows."""
-    counting = ctx.prompt_units("steer_counts", prompts)
+def ranking_unit(ctx: PlanContext, counting: Sequence[WorkUnit], dataset: str) -> WorkUnit:
+    """The `steer_rank` unit over the stored counts of the `steer_counts` units `counting` (one per
+    chunk of prompts: ctx.prompt_units), planned in the stage after theirs. Any method whose units
+    include `RANKING_UNITS` ranks this way; `dataset` labels its `steer_experts` rows."""
     chunks = [{"unit_id": u.unit_id, "prompt_ids": [p["id"] for p in u.payload["prompts"]]} for u in counting]
-    return counting, ctx.unit("steer_rank", on_driver=True, dataset=dataset, chunks=chunks)
+    return ctx.unit("steer_rank", on_driver=True, dataset=dataset, chunks=chunks)
 
 
 def top_experts(read: Read, dataset: str, top_n: int) -> list[dict]:
@@ -189,9 +190,9 @@ def plan_steermoe(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     """Count routing per prompt chunk, rank the experts on the driver, then generate steered and
     unsteered by chunk."""
     prompts, dataset = ctx.prompts["dataset"], ctx.datasets["dataset"]
-    counting, ranking = ranking_units(ctx, prompts, dataset)
+    counting = ctx.prompt_units("steer_counts", prompts)
     yield counting
-    yield [ranking]
+    yield [ranking_unit(ctx, counting, dataset)]
     top = top_experts(ctx.read, dataset, ctx.params.top_n)
     yield [u for condition in ("unsteered", "steered")
            for u in ctx.prompt_units("steer_generate", prompts, condition=condition, top=top)]
@@ -218,7 +219,7 @@ def _rank_unit(unit: WorkUnit, read: Read, params) -> Rows:
     return {"steer_experts": steer_rank(counts, tokens, p["dataset"], params.to_json())}
 
 
-# The units that rank experts from per-chunk counts (`ranking_units`), for any method's `units`.
+# The units that rank experts from per-chunk counts (`ranking_unit`), for any method's `units`.
 RANKING_UNITS: dict[str, UnitKind] = {"steer_counts": UnitKind(_counts_unit),
                                       "steer_rank": UnitKind(_rank_unit, on_driver=True)}
 

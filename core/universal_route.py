@@ -41,7 +41,7 @@ from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, 
                          verdicts_of)
 from core.models import LoadedModel
 from core.routing import Route, mask_allowing
-from core.steermoe import RANKING_UNITS, SteerParams, ranking_units, steer_route, top_experts
+from core.steermoe import RANKING_UNITS, SteerParams, ranking_unit, steer_route, top_experts
 
 # A user message no template rewrites; where it ends in the rendered text, the template's tail begins.
 SENTINEL = "moesafeusercontentsentinel"
@@ -288,10 +288,10 @@ def plan_universal(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     harmful, benign = ctx.prompts["harmful"], ctx.prompts["benign"]
     dataset = ctx.datasets["harmful"]
     train, heldout = split_prompts(harmful, params.train_prompts, params.seed)
-    counting, ranking = ranking_units(ctx, train, dataset)
+    counting = ctx.prompt_units("steer_counts", train)
     yield [ctx.unit("universal_search", prompts=prompt_dicts(train), heldout_ids=[p.id for p in heldout],
                     others=[p.prompt for p in [*heldout, *benign]]), *counting]
-    yield [ranking]
+    yield [ranking_unit(ctx, counting, dataset)]
     found = [r for r in ctx.read("universal_routes") if r["dataset"] == dataset]
     top = top_experts(ctx.read, dataset, params.steer_top_n)
     route = [dict(step) for step in found[0]["route"]]

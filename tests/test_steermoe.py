@@ -110,7 +110,9 @@ def _counted(lm, method: str, params, prompts_per_unit: int, lose_chunk: int | N
     ctx = PlanContext({"name": "tiny", "num_experts": lm.control.num_experts}, method, params, ("a",), prompts,
                       datasets, prompts_per_unit, 50, lm.control.num_layers, lambda t: list(stored.get(t, [])))
     stages = entry.stages(ctx)
-    counting = [u for u in next(stages) if u.kind == "steer_counts"]
+    first = next(stages)
+    ctx.upstream += [u.unit_id for u in first]  # as the scheduler does after each stage
+    counting = [u for u in first if u.kind == "steer_counts"]
     for i, unit in enumerate(counting):
         if i != lose_chunk:
             rows = entry.kind(unit.kind).run(unit, lm, None, params)["steer_counts"]
