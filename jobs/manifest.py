@@ -93,8 +93,9 @@ class ModelSpec(_Section):
     replicas: PositiveInt = 1  # model actors for this model
     shards: PositiveInt = 1  # actors per replica, each holding a contiguous range of the decoder layers
     # how a sharded replica's forwards go stage to stage: "actors" (plain Ray actor calls, the
-    # default) or "compiled" (a Ray Compiled Graph); the results are the same, only the speed differs
-    transport: str | None = None
+    # default) or "compiled" (a Ray Compiled Graph); the results are the same, only the speed differs.
+    # Left out of the stored manifest when not set, so a manifest without it keeps its hash (and run id).
+    transport: str | None = Field(default=None, exclude_if=lambda transport: transport is None)
     device_map: Literal["auto"] | None = None  # "auto": spread the model over the replica's GPUs
     experts_implementation: str | None = None  # transformers' MoE kernel; None = its default
     trust_remote_code: bool = False
@@ -368,7 +369,8 @@ class Manifest(_Section):
         return [m for m in self.models if method.models is None or m.name in method.models]
 
     def to_yaml(self) -> str:
-        """The manifest as stored in the `runs` table: every field, defaults included."""
+        """The manifest as stored in the `runs` table: every field, defaults included (a model's
+        `transport` only when set)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 

@@ -573,7 +573,6 @@ class Scheduler:
         self.bar.done()
 
 
-@ray.remote(num_cpus=0, max_retries=0)
 def _release(actor) -> None:
     """Kill a model actor once it has released what it drives (a sharded replica's shard actors,
     a compiled graph torn down); one that is dead or does not answer is killed all the same."""
@@ -584,6 +583,7 @@ def _release(actor) -> None:
     ray.kill(actor)
 
 
+@ray.remote(num_cpus=0, max_retries=0)
 def _check_judge(settings: dict[str, Any]) -> None:
     """A judge's preflight, in a task in a model replica's placement group: the environment (keys)
     of the node where that model's actors build the judge."""

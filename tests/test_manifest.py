@@ -76,9 +76,12 @@ def test_to_yaml_round_trips(model):
 
 
 def test_a_sharded_model_picks_its_transport():
-    assert load_manifest(edited("dtype: float32", "shards: 2")).models[0].transport is None  # plain actor calls
+    default = load_manifest(edited("dtype: float32", "shards: 2"))
+    assert default.models[0].transport is None  # plain actor calls
+    # a manifest that does not set it is stored, and hashed, as before the field existed
+    assert "transport" not in default.to_yaml()
     compiled = load_manifest(edited("dtype: float32", "shards: 2, transport: compiled"))
-    assert compiled.models[0].transport == "compiled"
+    assert compiled.models[0].transport == "compiled" and "transport: compiled" in compiled.to_yaml()
 
 
 @pytest.mark.parametrize("text, expected", [
