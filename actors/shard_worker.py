@@ -141,8 +141,9 @@ class CompiledStages(RayStages):
     lost = (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)
 
     def __init__(self, start, in_flight: int = 8, timeout_s: float = COMPILED_TIMEOUT_S):
-        self.in_flight, self.timeout_s = in_flight, timeout_s
         super().__init__(start)
+        # generation keeps one micro-batch per stage on its way at once
+        self.in_flight, self.timeout_s = max(in_flight, len(self.actors)), timeout_s
         self._compile()
 
     def _compile(self) -> None:
