@@ -133,6 +133,15 @@ def _my_shard_processes() -> list[int]:
     return sorted(pid for pid in mine if "ShardWorker" in title.get(pid, ""))
 
 
+def _shard_tasks_since(start: float) -> set[str]:
+    """The methods of the ShardWorker tasks this Ray ran since `start` (epoch seconds), from its task
+    events: `run` for each stage of a forward by plain actor calls, `__ray_call__` for a compiled
+    graph's loops (its forwards run inside them)."""
+    prefix = "task::ShardWorker."
+    return {e["cat"].removeprefix(prefix) for e in ray.timeline()
+            if e.get("cat", "").startswith(prefix) and e["ts"] >= start * 1e6}
+
+
 def _kill_a_shard_once(out, run_id):
     """Kill one shard process (SIGKILL) once the run's first units have committed."""
     def kill():
@@ -170,6 +179,7 @@ def test_sharded_quickstart_gives_the_same_tables_even_when_a_shard_dies(undistu
     run_id = f"two-{transport}"
     models = f"  - {{name: sandbox, path: sandbox, dtype: float32, shards: 2, transport: {transport}}}"
     thread, killed = _kill_a_shard_once(out, run_id)
+    start = time.time()
     # reuse=False: the sharded replica's units have the same content as run one's, so they would be copied
     summary = run_manifest(_manifest(tmp, run_id=run_id, models=models), out=out, progress=False, reuse=False)
     thread.join()
@@ -178,6 +188,8 @@ def test_sharded_quickstart_gives_the_same_tables_even_when_a_shard_dies(undistu
     assert _tables(out, run_id) == _tables(out, "one")
     units = ResultStore(out).read_table("units", run_id=run_id).column("unit_id").to_pylist()
     assert len(units) == len(set(units)), "a unit committed twice"
+    tasks = _shard_tasks_since(start)  # the transport the manifest asked for is the one that ran
+    assert ("run" in tasks, "__ray_call__" in tasks) == (transport == "actors", transport == "compiled"), tasks
     # the replica was released with the run: its shard actors (and a compiled graph's loops on them) gone
     deadline = time.time() + 60
     while _my_shard_processes() and time.time() < deadline:
