@@ -11,8 +11,9 @@ its actor is "temporarily unavailable" and every retry fails at once, so a finit
 used up before the actor can restart elsewhere. A unit that kills its process every time still
 ends, when the restarts run out.
 
-A model with `shards: S` is a replica of S shard actors (actors/shard_worker.py) driven from here;
-this actor then holds no weights and asks for no resources of its own.
+A model with `shards: S` is a replica of S shard actors (actors/shard_worker.py) driven from here
+through the model's `transport` (plain actor calls, or a Ray Compiled Graph); this actor then holds
+no weights and asks for no resources of its own, and `close` releases the shards before it goes.
 """
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ class ModelWorker:
         path = resolve_model_path(model["path"])
         self.stages = None  # a sharded replica's shard actors (actors/shard_worker.py)
         if model.get("shards", 1) > 1:
-            from actors.shard_worker import RayStages, start_shards
+            from actors.shard_worker import TRANSPORTS, start_shards
             from core.sharding import sharded_loaded_model
 
             # the replica's placement group holds one bundle per shard (jobs/runner.py)
-            self.stages = RayStages(lambda: start_shards(model, path, placement_group))
+            transport = TRANSPORTS[model.get("transport") or "actors"]
+            self.stages = transport(lambda: start_shards(model, path, placement_group))
             self.lm = sharded_loaded_model(path, self.stages, name=model["name"],
                                            trust_remote_code=model.get("trust_remote_code", False))
             if not model.get("num_gpus") or model.get("device") == "cpu":
@@ -82,11 +84,15 @@ class ModelWorker:
         from the start (no rows were written for the failed try)."""
         try:
             return execute_unit(unit, self.lm, self.judges, self.store_answers)
-        except ray.exceptions.RayActorError:
-            if self.stages is None:
-                raise
+        except self.stages.lost if self.stages is not None else ():
             self.stages.rebuild()
             return execute_unit(unit, self.lm, self.judges, self.store_answers)
+
+    def close(self) -> None:
+        """Release a sharded replica's shard actors before this actor is killed: a compiled graph
+        is torn down (its loops, channels and threads), not left to die with its owner."""
+        if self.stages is not None:
+            self.stages.close()
 
 
 class RemoteJudge:

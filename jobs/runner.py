@@ -41,6 +41,7 @@ WAIT_TIMEOUT_S = 30 * 60.0  # for nodes: how long a run waits with nothing place
 REPLACEMENTS_PER_REPLICA = 2  # dead-for-good actors replaced per replica, so a unit that kills every actor ends
 WAIT_NOTICE_S = 5.0  # a wait for nodes longer than this is reported
 PREFLIGHT_TIMEOUT_S = 120.0  # a judge's check (one request, or loading a judge model)
+RELEASE_TIMEOUT_S = 120.0  # for a model actor to release its shard actors (a compiled graph waits on each)
 
 
 class RunError(CliError, RuntimeError):
@@ -419,7 +420,7 @@ class Scheduler:
     def _retire(self, model: _Model) -> None:
         for replica in model.replicas:
             if replica.actor is not None:
-                ray.kill(replica.actor)
+                _release(replica.actor)
             remove_placement_group(replica.group)
             self.groups.remove(replica.group)
         model.replicas = []
@@ -570,6 +571,16 @@ class Scheduler:
             model.failed += 1
             self.summary.units_failed += 1
         self.bar.done()
+
+
+def _release(actor) -> None:
+    """Kill a model actor once it has released what it drives (a sharded replica's shard actors,
+    a compiled graph torn down); one that is dead or does not answer is killed all the same."""
+    try:
+        ray.get(actor.close.remote(), timeout=RELEASE_TIMEOUT_S)
+    except Exception:  # dead, restarting or stuck: the kill below ends it either way
+        pass
+    ray.kill(actor)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
