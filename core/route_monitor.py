@@ -219,6 +219,6 @@ METHOD = Method(
     name="route_monitor", params=MonitorParams, plan=plan_monitor,
     units={"monitor_score": UnitKind(_score_unit), "monitor_adaptive": UnitKind(_adaptive_unit)},
     reduce=monitor_metrics, tables=("route_monitor", "generations"),
-    needs_target=True,  # F-SOUR and the adaptive attacker optimise towards each harmful prompt's target
+    needs_target=("harmful",),  # F-SOUR and the adaptive attacker optimise towards each harmful prompt's target
     roles=("harmful", "benign"),
 )
