@@ -479,12 +479,15 @@ def fsour_asr_by_restart(route_rows: Rows) -> dict[tuple[str, str], list[tuple[i
 
 # ---- SteerMoE --------------------------------------------------------------------------------
 
-def steer_top_experts(steer_rows: Rows, top: int | None = None) -> dict[tuple[str, str, str], list[dict]]:
-    """(run, model, dataset) -> its top experts by |delta| (rank 0 first): the `top` first, by
-    default as many as the run steered (`top_n` of the rows' params)."""
+def steer_top_experts(steer_rows: Rows, units: Rows, top: int | None = None) -> dict[tuple[str, str, str], list[dict]]:
+    """(run, model, dataset) -> SteerMoE's top experts by |delta| (rank 0 first): the `top` first, by
+    default as many as the run steered (`top_n` of the rows' params). Only rows of SteerMoE's own
+    units count: the universal route ranks experts too (its baseline), with settings of its own."""
+    steermoe = {(u["run_id"], u["unit_id"]) for u in rows_of(units) if u["method"] == "steermoe"}
     groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for r in rows_of(steer_rows):
-        groups[(r["run_id"], r["model"], r["dataset"])].append(r)
+        if (r["run_id"], r["unit_id"]) in steermoe:
+            groups[(r["run_id"], r["model"], r["dataset"])].append(r)
     out = {}
     for key, rows in sorted(groups.items()):
         rows.sort(key=lambda r: r["rank"])

@@ -144,7 +144,8 @@ def safex_counts(lm: LoadedModel, prompts: Sequence[PromptLike], group: str,
 
 
 def stack_counts(rows: Sequence[Mapping]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`safex_counts` rows of one group -> counts (P, L, E) int64 and tokens (P,) int64."""
+    """Counts rows of one group (`safex_counts`, or `steer_counts` of one behaviour) -> counts
+    (P, L, E) int64 and tokens (P,) int64."""
     shapes = {(r["n_layers"], r["n_experts"]) for r in rows}
     if len(shapes) != 1:
         raise ValueError(f"counts rows must share one (n_layers, n_experts) shape, got {sorted(shapes)}")

@@ -234,7 +234,18 @@ _ALL = [
         _col("candidates", pa.int64()),
         _col("seconds", pa.float64()),
     ], masked=True),
-    _method_table("steer_experts", 1, "SteerMoE risk-difference expert ranking", [
+    _method_table("steer_counts", 1, "SteerMoE expert counts per prompt and teacher-forced reply", [
+        _col("prompt_id", pa.string()),
+        _col("dataset", pa.string()),
+        _col("behaviour", pa.string()),           # refusal (behaviour 1) / compliance (behaviour 2, the target)
+        _col("tokens", pa.int64()),               # reply tokens counted
+        _col("n_layers", pa.int32()),
+        _col("n_experts", pa.int32()),
+        _col("counts", _INTS),                    # reply tokens routed to each expert, row-major (n_layers, n_experts)
+    ], masked=False),
+    # v2: ranked by a driver unit from the stored `steer_counts` (v1: in one model unit), with the
+    # reply tokens behind p1 and p2
+    _method_table("steer_experts", 2, "SteerMoE risk-difference expert ranking", [
         _col("dataset", pa.string()),
         _col("layer", pa.int32()),
         _col("expert", pa.int32()),
@@ -242,6 +253,8 @@ _ALL = [
         _col("p2", pa.float64()),
         _col("delta", pa.float64()),              # p1 - p2
         _col("rank", pa.int32()),                 # by |delta|, 0 = largest
+        _col("refusal_tokens", pa.int64(), nullable=True),     # p1's denominator, summed over the prompts
+        _col("compliance_tokens", pa.int64(), nullable=True),  # p2's denominator
     ], masked=False),
     _method_table("generations", 1, "every generated answer and its verdicts", [
         _col("prompt_id", pa.string()),

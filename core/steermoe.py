@@ -10,6 +10,11 @@ By convention behaviour 1 is refusal and behaviour 2 compliance, so delta > 0 ma
 to refusal. Steering (eps = 0.01 in core.routing) pushes the experts to activate above
 the router's best score and those to deactivate below its worst, then selects as usual:
 mode "safe" activates refusal experts and deactivates compliance ones, "unsafe" the reverse.
+
+The counts are taken per prompt by `steer_counts` units, one per chunk of prompts, and stored;
+the ranking (`steer_rank`) is arithmetic on the driver over the stored integer counts, so it is
+the same however the prompts were chunked. core/universal_route.py ranks its training prompts
+with the same two units.
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ from core.judges import Judge
 from core.method import Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, rate, records, verdicts_of
 from core.models import LoadedModel
 from core.routing import SCOPES, Route, Scope
+from core.safex import stack_counts
 
 MODES: tuple[str, ...] = ("safe", "unsafe")
 REFUSAL_REPLY = "I'm sorry, but I cannot help with that."  # behaviour 1, paired with each prompt's target
+BEHAVIOURS: tuple[str, ...] = ("refusal", "compliance")  # behaviours 1 and 2: p1 and p2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +66,9 @@ class SteerParams:
 
 @torch.inference_mode()
 def response_routing(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str],
-                     batch_size: int = 16) -> tuple[torch.Tensor, int]:
-    """Expert counts (L, E) over the response tokens of chat(prompt) + response, and their number.
+                     batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert counts (P, L, E) over the response tokens of each chat(prompt) + response, and their
+    numbers (P,), rows in the order of `prompts`.
 
     Prompt and response are tokenised apart, so the boundary is exact, and right padded, so the
     default positions are right; route control counts positions >= each row's prompt length
@@ -71,8 +79,7 @@ def response_routing(lm: LoadedModel, prompts: Sequence[str], responses: Sequenc
     tokenizer, control = lm.tokenizer, lm.control
     prompt_ids = tokenizer(render_chat(tokenizer, prompts), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    counts = torch.zeros(control.num_layers, control.num_experts, dtype=torch.long)
-    tokens = 0
+    counts, tokens = [], []
     for start in range(0, len(prompts), batch_size):
         prompt_chunk = prompt_ids[start:start + batch_size]
         sequences = [p + r for p, r in zip(prompt_chunk, response_ids[start:start + batch_size])]
@@ -84,34 +91,60 @@ def response_routing(lm: LoadedModel, prompts: Sequence[str], responses: Sequenc
             # Only the routing is needed: logits_to_keep=1 spares the (B, S, vocab) output.
             lm.model(input_ids=input_ids.to(lm.device), attention_mask=attention_mask.to(lm.device),
                      logits_to_keep=1)
-        counts += rec.counts()[:, :, 1].sum(0).cpu()  # [:, :, 1]: positions past the prompt
-        tokens += int(rec.tokens()[:, 1].sum())
-    return counts, tokens
+        counts.append(rec.counts()[:, :, 1].cpu())  # (B, L, E); [:, :, 1]: positions past the prompt
+        tokens.append(rec.tokens()[:, 1].cpu())  # (B,)
+    return torch.cat(counts), torch.cat(tokens)
 
 
-def steer_rank(lm: LoadedModel, prompts: Sequence[PromptLike], responses_1: Sequence[str],
-               responses_2: Sequence[str], params: SteerParams = SteerParams()) -> list[dict]:
+def behaviour_replies(prompts: Sequence[PromptLike]) -> dict[str, list[str]]:
+    """Behaviour -> the reply teacher-forced after each prompt: the refusal, and each prompt's target."""
+    missing = [p.id for p in prompts if not p.target]
+    if missing:
+        raise ValueError(f"SteerMoE's ranking needs each prompt's target (compliance reply); missing for {missing[:3]}")
+    return {"refusal": [REFUSAL_REPLY] * len(prompts), "compliance": [p.target for p in prompts]}
+
+
+def steer_counts(lm: LoadedModel, prompts: Sequence[PromptLike], batch_size: int, params_json: str) -> list[dict]:
+    """Rows of `steer_counts`: per prompt and behaviour, the (L, E) counts over the reply's tokens
+    (flattened row-major) and the number of those tokens. `params_json`: the method's settings."""
+    control = lm.control
+    texts = [p.prompt for p in prompts]
+    rows = []
+    for behaviour, replies in behaviour_replies(prompts).items():
+        counts, tokens = response_routing(lm, texts, replies, batch_size)  # (P, L, E), (P,)
+        rows += [{"prompt_id": p.id, "dataset": p.dataset, "behaviour": behaviour, "tokens": t,
+                  "n_layers": control.num_layers, "n_experts": control.num_experts,
+                  "counts": c.flatten().tolist(), "params": params_json}
+                 for p, c, t in zip(prompts, counts, tokens.tolist())]
+    return rows
+
+
+def steer_rank(counts: Mapping[str, torch.Tensor], tokens: Mapping[str, torch.Tensor], dataset: str,
+               params_json: str) -> list[dict]:
     """Rows of `steer_experts` for every (layer, expert): p1, p2, delta = p1 - p2, rank by |delta|.
 
-    Rank 0 is the largest |delta|; equal |delta| keep (layer, expert) order."""
-    texts = [p.prompt for p in prompts]
-    shares = []
-    for responses in (responses_1, responses_2):
-        counts, tokens = response_routing(lm, texts, responses, params.batch_size)
-        if tokens == 0:
-            raise ValueError("the responses have no tokens to count")
-        shares.append(counts.double() / tokens)  # (L, E)
+    counts: behaviour -> (P, L, E) per-prompt counts; tokens: behaviour -> (P,). Both behaviours'
+    counts are summed over their prompts first: integer sums, the same whatever the prompts' order
+    or chunking. Rank 0 is the largest |delta|; equal |delta| keep (layer, expert) order."""
+    shares, totals = [], []
+    for behaviour in BEHAVIOURS:
+        total = int(tokens[behaviour].sum())
+        if total == 0:
+            raise ValueError(f"the {behaviour} replies have no tokens to count")
+        shares.append(counts[behaviour].sum(0).double() / total)  # (L, E)
+        totals.append(total)
     p1, p2 = shares
     delta = p1 - p2
     order = torch.sort(delta.abs().flatten(), descending=True, stable=True).indices  # (L*E,)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())
-    dataset = "+".join(sorted({p.dataset for p in prompts}))
     num_experts = delta.shape[1]
     p1, p2, delta, rank = (t.flatten().tolist() for t in (p1, p2, delta, rank))
     return [{"dataset": dataset, "layer": slot // num_experts, "expert": slot % num_experts, "p1": p1[slot],
-             "p2": p2[slot], "delta": delta[slot], "rank": rank[slot], "params": params.to_json()}
+             "p2": p2[slot], "delta": delta[slot], "rank": rank[slot], "refusal_tokens": totals[0],
+             "compliance_tokens": totals[1], "params": params_json}
             for slot in order.tolist()]
+
 
 def steer_route(rank_rows: Sequence[Mapping], top_n: int, num_experts: int, mode: str = "unsafe",
                 scope: Scope = "all") -> Route:
@@ -138,23 +171,57 @@ def steer_generate(lm: LoadedModel, prompts: Sequence[PromptLike], route: Route 
 
 # ---- the method: plan, units, metrics ----------------------------------------------------------
 
+def ranking_unit(ctx: PlanContext, counting: Sequence[WorkUnit], dataset: str) -> WorkUnit:
+    """The `steer_rank` unit over the stored counts of the `steer_counts` units `counting` (one per
+    chunk of prompts: ctx.prompt_units), planned in the stage after theirs. Any method whose units
+    include `RANKING_UNITS` ranks this way; `dataset` labels its `steer_experts` rows."""
+    chunks = [{"unit_id": u.unit_id, "prompt_ids": [p["id"] for p in u.payload["prompts"]]} for u in counting]
+    return ctx.unit("steer_rank", on_driver=True, dataset=dataset, chunks=chunks)
+
+
+def top_experts(read: Read, dataset: str, top_n: int) -> list[dict]:
+    """The first top_n stored `steer_experts` rows of `dataset`, as a unit payload carries them."""
+    ranked = sorted((r for r in read("steer_experts") if r["dataset"] == dataset), key=lambda r: r["rank"])
+    return [{"layer": r["layer"], "expert": r["expert"], "delta": r["delta"], "rank": r["rank"]}
+            for r in ranked[:top_n]]
+
+
 def plan_steermoe(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
-    """Rank experts by refusal-vs-compliance routing, then generate steered and unsteered by chunk."""
-    prompts = ctx.prompts["dataset"]
-    yield [ctx.unit("steer_rank", prompts=[dataclasses.asdict(p) for p in prompts])]
-    ranked = sorted(ctx.read("steer_experts"), key=lambda r: r["rank"])[: ctx.params.top_n]
-    top = [{"layer": r["layer"], "expert": r["expert"], "delta": r["delta"], "rank": r["rank"]} for r in ranked]
+    """Count routing per prompt chunk, rank the experts on the driver, then generate steered and
+    unsteered by chunk."""
+    prompts, dataset = ctx.prompts["dataset"], ctx.datasets["dataset"]
+    counting = ctx.prompt_units("steer_counts", prompts)
+    yield counting
+    yield [ranking_unit(ctx, counting, dataset)]
+    top = top_experts(ctx.read, dataset, ctx.params.top_n)
     yield [u for condition in ("unsteered", "steered")
            for u in ctx.prompt_units("steer_generate", prompts, condition=condition, top=top)]
 
 
-def _rank_unit(unit: WorkUnit, lm: LoadedModel, judge, params: SteerParams) -> Rows:
-    prompts = records(unit.payload)
-    missing = [p.id for p in prompts if not p.target]
+def _counts_unit(unit: WorkUnit, lm: LoadedModel, judge, params) -> Rows:
+    """`params`: the settings of the method running it (its batch_size, and its to_json() for `params`)."""
+    return {"steer_counts": steer_counts(lm, records(unit.payload), params.batch_size, params.to_json())}
+
+
+def _rank_unit(unit: WorkUnit, read: Read, params) -> Rows:
+    """Sums the stored counts of every chunk the plan counted; a chunk without rows is named."""
+    p = unit.payload
+    stored = {(r["prompt_id"], r["behaviour"]): r for r in read("steer_counts") if r["dataset"] == p["dataset"]}
+    missing = [chunk["unit_id"] for chunk in p["chunks"]
+               if any((pid, b) not in stored for pid in chunk["prompt_ids"] for b in BEHAVIOURS)]
     if missing:
-        raise ValueError(f"steermoe needs each prompt's target (compliance reply); missing for {missing[:3]}")
-    return {"steer_experts": steer_rank(lm, prompts, [REFUSAL_REPLY] * len(prompts), [p.target for p in prompts],
-                                        params)}
+        raise ValueError(f"no stored steer_counts of dataset {p['dataset']!r} for the prompts of "
+                         f"{', '.join(missing)}: those counting units have not committed")
+    counts, tokens = {}, {}
+    for behaviour in BEHAVIOURS:
+        rows = [stored[(pid, behaviour)] for chunk in p["chunks"] for pid in chunk["prompt_ids"]]
+        counts[behaviour], tokens[behaviour] = stack_counts(rows)  # (P, L, E), (P,)
+    return {"steer_experts": steer_rank(counts, tokens, p["dataset"], params.to_json())}
+
+
+# The units that rank experts from per-chunk counts (`ranking_unit`), for any method's `units`.
+RANKING_UNITS: dict[str, UnitKind] = {"steer_counts": UnitKind(_counts_unit),
+                                      "steer_rank": UnitKind(_rank_unit, on_driver=True)}
 
 
 def _generate_unit(unit: WorkUnit, lm: LoadedModel, judge, params: SteerParams) -> Rows:
@@ -177,7 +244,7 @@ def steer_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[d
 
 METHOD = Method(
     name="steermoe", params=SteerParams, plan=plan_steermoe,
-    units={"steer_rank": UnitKind(_rank_unit), "steer_generate": UnitKind(_generate_unit)},
-    reduce=steer_metrics, tables=("steer_experts", "generations"),
+    units={**RANKING_UNITS, "steer_generate": UnitKind(_generate_unit)},
+    reduce=steer_metrics, tables=("steer_counts", "steer_experts", "generations"),
     needs_target=True,  # each prompt's target is the compliance reply contrasted with refusal
 )

@@ -41,7 +41,7 @@ from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, 
                          verdicts_of)
 from core.models import LoadedModel
 from core.routing import Route, mask_allowing
-from core.steermoe import REFUSAL_REPLY, SteerParams, steer_rank, steer_route
+from core.steermoe import RANKING_UNITS, SteerParams, ranking_unit, steer_route, top_experts
 
 # A user message no template rewrites; where it ends in the rendered text, the template's tail begins.
 SENTINEL = "moesafeusercontentsentinel"
@@ -280,20 +280,20 @@ def judged(lm: LoadedModel, items: Sequence[PromptLike], route, judge, params: U
 # ---- the method: plan, units, metrics ------------------------------------------------------------
 
 def plan_universal(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
-    """Stage 1: the search (one unit) and SteerMoE's ranking on the training split. Stage 2: answers
-    in prompt chunks: training and held-out prompts unrouted and under the route, held-out under
-    SteerMoE's steering, benign unrouted and under the route."""
+    """Stage 1: the search (one unit) and SteerMoE's routing counts on the training split (by prompt
+    chunk). Stage 2: SteerMoE's ranking of those counts, on the driver. Stage 3: answers in prompt
+    chunks: training and held-out prompts unrouted and under the route, held-out under SteerMoE's
+    steering, benign unrouted and under the route."""
     params: UniversalParams = ctx.params
     harmful, benign = ctx.prompts["harmful"], ctx.prompts["benign"]
     dataset = ctx.datasets["harmful"]
     train, heldout = split_prompts(harmful, params.train_prompts, params.seed)
+    counting = ctx.prompt_units("steer_counts", train)
     yield [ctx.unit("universal_search", prompts=prompt_dicts(train), heldout_ids=[p.id for p in heldout],
-                    others=[p.prompt for p in [*heldout, *benign]]),
-           ctx.unit("universal_steer_rank", prompts=prompt_dicts(train))]
+                    others=[p.prompt for p in [*heldout, *benign]]), *counting]
+    yield [ranking_unit(ctx, counting, dataset)]
     found = [r for r in ctx.read("universal_routes") if r["dataset"] == dataset]
-    ranked = sorted((r for r in ctx.read("steer_experts") if r["dataset"] == dataset), key=lambda r: r["rank"])
-    top = [{"layer": r["layer"], "expert": r["expert"], "delta": r["delta"], "rank": r["rank"]}
-           for r in ranked[:params.steer_top_n]]
+    top = top_experts(ctx.read, dataset, params.steer_top_n)
     route = [dict(step) for step in found[0]["route"]]
     groups = [("train", train, "unrouted"), ("train", train, "universal"), ("heldout", heldout, "unrouted"),
               ("heldout", heldout, "universal"), ("heldout", heldout, "steermoe"), ("benign", benign, "unrouted"),
@@ -321,14 +321,6 @@ def _search_unit(unit: WorkUnit, lm: LoadedModel, judge, params: UniversalParams
            "step_objective": run.step_objective, "step_active": run.step_active, "forwards": run.forwards,
            "candidates": run.candidates, "seconds": run.seconds, "scope": "prompt", "params": params.to_json()}
     return {"universal_routes": [row]}
-
-
-def _steer_rank_unit(unit: WorkUnit, lm: LoadedModel, judge, params: UniversalParams) -> Rows:
-    train = records(unit.payload)
-    steer = SteerParams(top_n=params.steer_top_n, batch_size=params.batch_size)
-    rows = steer_rank(lm, train, [REFUSAL_REPLY] * len(train), [p.target for p in train], steer)
-    dataset = unit.payload["datasets"]["harmful"]
-    return {"steer_experts": [{**r, "dataset": dataset, "params": params.to_json()} for r in rows]}
 
 
 def _answer_unit(unit: WorkUnit, lm: LoadedModel, judge, params: UniversalParams) -> Rows:
@@ -371,9 +363,8 @@ def universal_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> li
 
 METHOD = Method(
     name="universal_route", params=UniversalParams, plan=plan_universal,
-    units={"universal_search": UnitKind(_search_unit), "universal_steer_rank": UnitKind(_steer_rank_unit),
-           "universal_answer": UnitKind(_answer_unit)},
-    reduce=universal_metrics, tables=("universal_routes", "steer_experts", "generations"),
+    units={"universal_search": UnitKind(_search_unit), **RANKING_UNITS, "universal_answer": UnitKind(_answer_unit)},
+    reduce=universal_metrics, tables=("universal_routes", "steer_counts", "steer_experts", "generations"),
     roles=("harmful", "benign"),
     needs_target=("harmful",),  # the search optimises towards each training prompt's target reply
     check_datasets=_check_datasets,

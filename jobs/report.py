@@ -396,7 +396,7 @@ def build_context(tables: dict[str, list[dict]], root: str, compare: tuple[str, 
                       f"{_median([c['candidates'] for c in searched])} candidates.")
         fsour.append(block)
 
-    steer_top = numbers.steer_top_experts(tables["steer_experts"])
+    steer_top = numbers.steer_top_experts(tables["steer_experts"], tables[UNITS_TABLE])
     steermoe = [Block(f"{key[1]} · {key[2]} · run {key[0]}", [_steer_figure(key, top)], rows=top)
                 for key, top in steer_top.items()]
 

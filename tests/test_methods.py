@@ -14,6 +14,7 @@ from core.methods import METHODS, get_method
 from core.safex import SafexParams
 from core.schemas import TABLES, build_table
 from core.steermoe import SteerParams
+from core.universal_route import UniversalParams, split_prompts
 
 KEY = {"run_id": "r", "model": "m", "unit_id": "u"}
 
@@ -252,6 +253,51 @@ def test_judges_in_the_payload_make_another_unit():
     a = fsour_context([])
     b = dataclasses.replace(fsour_context([]), judges=("b", "a"))
     assert next(get_method("fsour").stages(a))[0].unit_id != next(get_method("fsour").stages(b))[0].unit_id
+
+
+def _ranked(dataset: str, *experts: tuple[int, int, float]) -> list[dict]:
+    """steer_experts rows of `dataset` from (layer, expert, delta), ranked in the order given."""
+    return [{"dataset": dataset, "layer": l, "expert": e, "delta": d, "rank": i} for i, (l, e, d) in enumerate(experts)]
+
+
+def test_steermoe_counts_by_chunk_ranks_on_the_driver_then_steers_the_top_n_of_its_dataset():
+    """3 prompts, 2 per unit: two counting units, one driver unit ranking both chunks, then each
+    condition's 2 generation chunks carry the top_n experts of this dataset's ranking only."""
+    stored = {"steer_experts": _ranked("other", (3, 3, 0.9)) + _ranked("harm", (0, 1, 0.5), (2, 4, -0.25), (1, 1, 0.1))}
+    ctx = PlanContext({"name": "m", "num_experts": 8}, "steermoe", SteerParams(top_n=2), ("a",),
+                      {"dataset": PROMPTS}, {"dataset": "harm"}, 2, 50, 4, lambda t: stored.get(t, []))
+    stages = run_plan(ctx, lambda *_: None)
+    assert [[u.kind for u in s] for s in stages] == [["steer_counts"] * 2, ["steer_rank"], ["steer_generate"] * 4,
+                                                     ["steermoe_metrics"]]
+    counting, (ranking,) = stages[0], stages[1]
+    assert not any(u.on_driver for u in counting) and ranking.on_driver
+    assert ranking.payload["dataset"] == "harm" and ranking.payload["chunks"] == [
+        {"unit_id": counting[0].unit_id, "prompt_ids": ["p0", "p1"]},
+        {"unit_id": counting[1].unit_id, "prompt_ids": ["p2"]}]
+    assert {str(u.payload["top"]) for u in stages[2]} == {str([
+        {"layer": 0, "expert": 1, "delta": 0.5, "rank": 0}, {"layer": 2, "expert": 4, "delta": -0.25, "rank": 1}])}
+    one_chunk = run_plan(dataclasses.replace(ctx, prompts_per_unit=3, upstream=[]), lambda *_: None)
+    assert [len(s) for s in one_chunk[:2]] == [1, 1] and one_chunk[1][0].unit_id != ranking.unit_id
+
+
+def test_universal_route_counts_beside_the_search_and_ranks_its_training_split_on_the_driver():
+    harmful = [PromptRecord(f"h{i}", f"w{i}", "t", None, "harm") for i in range(5)]
+    benign = [PromptRecord("b0", "w", None, None, "ben")]
+    params = UniversalParams(train_prompts=3, steer_top_n=1)
+    train = [p.id for p in split_prompts(harmful, 3, params.seed)[0]]
+    stored = {"universal_routes": [{"dataset": "harm", "route": [{"layer": 0, "token": -1, "experts": [1, 2]}]}],
+              "steer_experts": _ranked("harm", (1, 5, -0.5), (0, 2, 0.25))}
+    ctx = PlanContext({"name": "m", "num_experts": 8}, "universal_route", params, ("a",),
+                      {"harmful": harmful, "benign": benign}, {"harmful": "harm", "benign": "ben"}, 2, 50, 4,
+                      lambda t: stored.get(t, []))
+    stages = run_plan(ctx, lambda *_: None)
+    assert [u.kind for u in stages[0]] == ["universal_search", "steer_counts", "steer_counts"]
+    assert [u.kind for u in stages[1]] == ["steer_rank"] and stages[1][0].on_driver
+    assert [c["prompt_ids"] for c in stages[1][0].payload["chunks"]] == [train[:2], train[2:]]
+    assert {u.kind for u in stages[2]} == {"universal_answer"}
+    assert [u.kind for u in stages[3]] == ["universal_route_metrics"]
+    assert [u.payload["top"] for u in stages[2] if u.payload["condition"] == "steermoe"] == [
+        [{"layer": 1, "expert": 5, "delta": -0.5, "rank": 0}]]  # held-out prompts: 2, one chunk
 
 
 def test_method_params_build_from_stored_json_without_pydantic():

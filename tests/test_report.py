@@ -237,15 +237,23 @@ def test_fsour_cost_per_prompt_and_asr_by_restart():
     assert numbers.fsour_asr_by_restart(ROUTES)[("r1", "m1")] == [(-1, Rate(1, 3)), (0, Rate(2, 3)), (1, Rate(2, 3))]
 
 
-def _steer(layer, expert, delta, rank, top_n=2):
-    return {"run_id": "r1", "model": "m1", "dataset": "d", "layer": layer, "expert": expert, "p1": 0.5 + delta / 2,
-            "p2": 0.5 - delta / 2, "delta": delta, "rank": rank, "params": json.dumps({"top_n": top_n})}
+def _steer(layer, expert, delta, rank, top_n=2, unit_id="steer_rank-1"):
+    return {"run_id": "r1", "model": "m1", "unit_id": unit_id, "dataset": "d", "layer": layer, "expert": expert,
+            "p1": 0.5 + delta / 2, "p2": 0.5 - delta / 2, "delta": delta, "rank": rank,
+            "params": json.dumps({"top_n": top_n})}
+
+
+STEER_UNITS = [_unit("steer_rank-1", method="steermoe"), _unit("steer_rank-2", method="universal_route")]
 
 
 def test_steer_top_experts_are_the_ones_the_run_steered_and_the_map_puts_each_view_on_its_layer():
-    top = numbers.steer_top_experts([_steer(0, 3, 0.1, 2), _steer(1, 5, -0.4, 0), _steer(0, 1, 0.3, 1)])
+    # the universal route's own ranking of the same dataset (unit steer_rank-2) is not SteerMoE's
+    theirs = [_steer(2, 0, 0.9, 0, unit_id="steer_rank-2"), _steer(2, 1, 0.8, 1, unit_id="steer_rank-2")]
+    top = numbers.steer_top_experts([_steer(0, 3, 0.1, 2), _steer(1, 5, -0.4, 0), _steer(0, 1, 0.3, 1), *theirs],
+                                    STEER_UNITS)
     assert [(r["layer"], r["expert"]) for r in top[("r1", "m1", "d")]] == [(1, 5), (0, 1)]
-    assert len(numbers.steer_top_experts([_steer(0, 3, 0.1, 2), _steer(1, 5, -0.4, 0)], top=5)[("r1", "m1", "d")]) == 2
+    assert len(numbers.steer_top_experts([_steer(0, 3, 0.1, 2), _steer(1, 5, -0.4, 0)], STEER_UNITS,
+                                         top=5)[("r1", "m1", "d")]) == 2
 
     [(_, layers)] = numbers.rosais_layer_scores([_score("p", 0, 1.0), _score("p", 2, 3.0)]).items()
     changes = numbers.fsour_route_changes(ROUTES, {("r1", "m1"): 3})[("r1", "m1")]

@@ -65,7 +65,7 @@ def _table_rows(root, name, run_id):
 
 
 RESULT_TABLES = ("fsour_routes", "rosais_scores", "rosais_attack", "safex_counts", "safex_experts",
-                 "safex_validation", "steer_experts", "generations", "metrics")
+                 "safex_validation", "steer_counts", "steer_experts", "generations", "metrics")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_small_quickstart_runs_end_to_end_and_answers_queries(quickstart):
     units = json.loads(run_query("select kind, status from units where run_id = 't1'", out, "json"))
     assert {u["status"] for u in units} == {"ok"}
     assert {"fsour_precheck", "rosais_scores", "rosais_attack", "safex_counts", "safex_bootstrap",
-            "safex_validation", "steer_rank"} <= {u["kind"] for u in units}
+            "safex_validation", "steer_counts", "steer_rank"} <= {u["kind"] for u in units}
     runs = ResultStore(out).read_table("runs", run_id="t1").to_pylist()
     assert runs[0]["status"] == "finished" and runs[0]["ended_at"] is not None
 

@@ -84,8 +84,14 @@ SAMPLE_ROWS: dict[str, list[dict]] = {
              prompt_logprobs=[-0.5], objective=-0.5, step_objective=[-2.0, -0.5], step_active=[1, 1], forwards=12,
              candidates=200, seconds=1.5, scope="prompt", params={"train_prompts": 2}),
     ],
+    "steer_counts": [
+        dict(prompt_id="adv-1", dataset="advbench", behaviour="refusal", tokens=11, n_layers=2, n_experts=4,
+             counts=[11, 0, 11, 0, 0, 11, 11, 0], params={"top_n": 10}),
+    ],
     "steer_experts": [
         dict(dataset="pairs", layer=1, expert=6, p1=0.3, p2=0.1, delta=0.2, rank=0, params={"epsilon": 0.01}),
+        dict(dataset="pairs", layer=0, expert=2, p1=0.1, p2=0.2, delta=-0.1, rank=1, refusal_tokens=110,
+             compliance_tokens=240, params={"epsilon": 0.01}),
     ],
     "generations": [
         dict(prompt_id="adv-1", dataset="advbench", method="fsour", condition="restart=0", prompt="How do I…?",

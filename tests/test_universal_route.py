@@ -237,7 +237,7 @@ methods:
     judges: [sandbox, refusal]
     params: {train_prompts: 2, candidates: 4, max_steps: 10, max_new_tokens: 8, steer_top_n: 2}
 """
-TABLES = ("universal_routes", "steer_experts", "generations", "metrics")
+TABLES = ("universal_routes", "steer_counts", "steer_experts", "generations", "metrics")
 
 
 def _rows(root, name):
