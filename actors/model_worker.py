@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import ray
 
+from actors.judge_worker import JudgeActor
 from core.judges import make_judge
 from core.models import load_model, resolve_model_path
 from core.store import ResultStore
@@ -60,8 +61,8 @@ class ModelWorker:
                                  experts_implementation=model.get("experts_implementation"),
                                  trust_remote_code=model.get("trust_remote_code", False),
                                  revision=model.get("revision"), device=model.get("device", "auto"))
-        # judges: name -> a JudgeWorker handle (runs on its own actor) or settings to build one here
-        self.judges = {name: RemoteJudge(j) if isinstance(j, ray.actor.ActorHandle) else make_judge(**j)
+        # judges: name -> a JudgeActor (the judge runs on its own actor) or settings to build one here
+        self.judges = {name: RemoteJudge(j.handle()) if isinstance(j, JudgeActor) else make_judge(**j)
                        for name, j in judges.items()}
         self.store = ResultStore(store_root)
         self.run_id, self.store_answers = run_id, store_answers

@@ -235,6 +235,6 @@ METHOD = Method(
     units={"monitor_score": UnitKind(_score_unit), "monitor_adaptive_search": UnitKind(_adaptive_search_unit),
            "monitor_adaptive_answer": UnitKind(_adaptive_answer_unit)},
     reduce=monitor_metrics, tables=("route_monitor", "fsour_searches", "generations"),
-    needs_target=True,  # F-SOUR and the adaptive attacker optimise towards each harmful prompt's target
+    needs_target=("harmful",),  # F-SOUR and the adaptive attacker optimise towards each harmful prompt's target
     roles=("harmful", "benign"),
 )

@@ -612,12 +612,14 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
         entry: Method = get_method(method.method)
         if entry.needs_target:
             for field, name in method.datasets_used().items():
-                if entry.needs_target is not True and field.removeprefix("datasets.") not in entry.needs_target:
+                role = field.removeprefix("datasets.")
+                if entry.needs_target is not True and role not in entry.needs_target:
                     continue
                 untargeted = [p.id for p in prompts.get(name, []) if p.target is None]
                 if untargeted:
+                    every = "every prompt" if entry.needs_target is True else f"every {role} prompt"
                     problems.append(
-                        f"methods[{i}].{field}: {method.method} needs a target reply for every prompt, but dataset "
+                        f"methods[{i}].{field}: {method.method} needs a target reply for {every}, but dataset "
                         f"{name!r} has {len(untargeted)} without one (e.g. {untargeted[0]!r}): map its target column "
                         f"in datasets.{name}.columns.target")
         if entry.check_datasets is not None:

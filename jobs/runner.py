@@ -16,6 +16,7 @@ import dataclasses
 import os
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -198,6 +199,7 @@ class Scheduler:
         self.groups: list = []  # every placement group this run asked for: removed when it ends
         self.waiting_since: float | None = None  # since when nothing of this run is placed
         self.wait_told = False  # the wait was reported
+        self.judge_workers: dict[str, Any] = {}  # judge name -> its JudgeWorker's handle (classifiers)
         try:
             self.judges = self._start_judges()
         except BaseException:
@@ -206,12 +208,13 @@ class Scheduler:
 
     # -- setup -------------------------------------------------------------------------------
     def _start_judges(self) -> dict[str, Any]:
-        """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier,
-        in its own placement group, checked there now: it loads its model where it will judge).
+        """name -> settings (built inside each model actor) or a JudgeActor, the name of a
+        JudgeWorker (classifier, in its own placement group, checked there now: it loads its model
+        where it will judge); this runner holds the JudgeWorkers' handles while it runs.
         The other judges are checked where they run, in each model's first placed replica
         (`_check_judges_in`), before its actor starts: a bad key or endpoint stops the run before
         any generation."""
-        from actors.judge_worker import JudgeWorker
+        from actors.judge_worker import JudgeActor, JudgeWorker
 
         judges: dict[str, Any] = {}
         checks = {}
@@ -221,8 +224,12 @@ class Scheduler:
                 bundle = {"CPU": 1.0, "GPU": self._classifier_gpus(settings.get("device", "auto"))}
                 group = self._request_group(bundle)
                 self._wait_placed(f"judge {name!r}", [_Replica(group)])
-                judges[name] = JudgeWorker.options(**self._in_group(bundle, group)).remote(settings)
-                checks[name] = judges[name].check.remote()
+                judges[name] = JudgeActor(f"moesafe-judge-{self.run_id}-{name}-{uuid.uuid4().hex[:8]}",
+                                          ray.get_runtime_context().namespace)
+                self.judge_workers[name] = JudgeWorker.options(
+                    name=judges[name].name, namespace=judges[name].namespace, **self._in_group(bundle, group),
+                ).remote(settings)
+                checks[name] = self.judge_workers[name].check.remote()
             else:
                 judges[name] = settings
         self._await_checks(checks)

@@ -66,6 +66,7 @@ def test_methods_lists_the_registry(capsys):
                         "generations, metrics")
     assert lines[1].startswith("  params: candidates=100, restarts=5, threshold=0.8, seed=42")
     assert "safex: datasets: regular, jailbreak, benign (optional); writes safex_counts" in out
+    assert "route_monitor: datasets: harmful, benign; every harmful prompt needs a target; writes" in out
 
 
 def test_validate_accepts_the_quickstart(capsys, tmp_path, monkeypatch):

@@ -289,6 +289,19 @@ def test_check_names_the_model_dataset_and_field(world, tmp_path, models, datase
     assert any(re.search(expected, line) for line in found), found
 
 
+def test_only_the_roles_a_method_optimises_towards_need_targets(world, tmp_path):
+    """route_monitor attacks its harmful prompts towards their targets; its benign prompts are only answered."""
+    text = GOOD.replace("datasets:\n", f"datasets:\n  plain: {{source: {world}/no-target.csv}}\n", 1)
+    benign_plain = text + "  - {method: route_monitor, datasets: {harmful: harmful, benign: plain}}\n"
+    assert checked(benign_plain, str(tmp_path / "out")) == []
+    harmful_plain = text + "  - {method: route_monitor, datasets: {harmful: plain, benign: benign}}\n"
+    found = checked(harmful_plain, str(tmp_path / "out"))
+    assert len(found) == 1 and re.match(
+        r"^methods\[4\].datasets.harmful: route_monitor needs a target reply for every harmful prompt, but dataset "
+        r"'plain' has 1 without one \(e.g. 'no-target-0000'\): map its target column in datasets.plain.columns.target$",
+        found[0]), found
+
+
 def test_check_refuses_an_unwritable_output_root(world):
     found = checked(GOOD, str(world / "a-file" / "results"))
     assert len(found) == 1 and re.match(r"^--out: result root '.*a-file/results' is not writable", found[0]), found
