@@ -17,9 +17,11 @@ lost or written twice. Each transport names the errors that mean a shard died (`
 from __future__ import annotations
 
 import collections
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import ray
+import torch
 
 from core.sharding import ModelShard, StageMessage
 
@@ -42,13 +44,29 @@ class ShardWorker:
         return os.getpid()
 
     def run(self, msg: StageMessage) -> StageMessage:
-        return self.shard.run(msg)
+        # What leaves a shard is read by the next shard (its own GPU) or by the replica's driver (no GPU):
+        # host tensors deserialise in either, device tensors only where that device is visible.
+        out = self.shard.run(msg)
+        return replace(out, hidden=out.hidden.cpu(), recorded=[_on_host(part) for part in out.recorded])
 
     def branch_cache(self, source: int, target: int, moe_layer: int, rows: int) -> None:
         self.shard.branch_cache(source, target, moe_layer, rows)
 
     def free_caches(self, ids: Sequence[int]) -> None:
         self.shard.free_caches(ids)
+
+
+def _on_host(part):
+    """A recording's tensors (nested in dicts, lists and named tuples) moved to the CPU."""
+    if isinstance(part, torch.Tensor):
+        return part.cpu()
+    if isinstance(part, dict):
+        return {key: _on_host(value) for key, value in part.items()}
+    if isinstance(part, list):
+        return [_on_host(value) for value in part]
+    if isinstance(part, tuple) and hasattr(part, "_fields"):
+        return type(part)(*map(_on_host, part))
+    return part
 
 
 def start_shards(model: Mapping[str, Any], path: str, placement_group=None) -> list:
