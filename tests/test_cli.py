@@ -1,6 +1,7 @@
 """The `moesafe` command line, in-process through main([...]) and once as the installed script."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -304,3 +305,5 @@ def test_sandbox_json(capsys, sandbox_dir, monkeypatch):
     assert code == 0 and report["model_dir"] == str(sandbox_dir)
     assert {"refusal_rate_harmful", "compliance_rate_benign", "train_seconds"} <= set(report)
     assert 0 <= report["refusal_rate_harmful"] <= 1
+    # the weights' name: the same build on another CPU can be another model
+    assert report["weights_sha256"] == hashlib.sha256((sandbox_dir / "model.safetensors").read_bytes()).hexdigest()
