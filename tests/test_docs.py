@@ -27,6 +27,31 @@ def test_every_column_of_every_table_is_explained():
         assert not missing, f"docs/METHODS.md does not explain {name}.{', '.join(missing)}"
 
 
+def _documented_columns() -> dict[str, set[str]]:
+    """table -> the columns docs/METHODS.md's "Result tables" gives it: its own rows, and the shared
+    columns whose "tables" cell names it ("every table", "every table but `a`, `b`", or a list)."""
+    section = METHODS.split("## Result tables")[1].split("The metrics:")[0]
+    shared, own = section.split("Each table's own columns:")
+    columns: dict[str, set[str]] = {name: set() for name in TABLES}
+    for column, tables in re.findall(r"^\| `(\w+)` \| .* \| ([^|]+) \|$", shared, re.M):
+        named = set(re.findall(r"`(\w+)`", tables))
+        for name in (set(TABLES) - named if tables.startswith("every table") else named):
+            columns[name].add(column)
+    for table, cells in re.findall(r"^\| `(\w+)` \| ([^|]*) \|", own, re.M):
+        assert table in TABLES, f"docs/METHODS.md describes a table {table!r} that core/schemas.py does not define"
+        columns[table] |= set(re.findall(r"`(\w+)`", cells))
+    return columns
+
+
+def test_each_tables_documented_columns_are_exactly_its_schemas():
+    """A column the docs give a table must be one it has, and each of its columns must be given it:
+    not merely named somewhere else in the file."""
+    for name, documented in _documented_columns().items():
+        schema = set(TABLES[name].schema.names)
+        assert not schema - documented, f"docs/METHODS.md does not give {name} its columns {sorted(schema - documented)}"
+        assert not documented - schema, f"docs/METHODS.md gives {name} columns it does not have: {sorted(documented - schema)}"
+
+
 def test_the_project_never_points_at_developer_files_outside_it():
     tracked = [p for p in REPO.rglob("*") if p.is_file() and p.suffix in (".md", ".py", ".yaml", ".toml", "")
                and not any(part.startswith(".") or part in ("results", "__pycache__") or part.endswith(".egg-info")
