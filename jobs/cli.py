@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     command("methods", cmd_methods, "list the methods a manifest can name, with their params and defaults")
 
     sub = command("params", cmd_params, "each method's parameters (a manifest's `params:`), defaults and meaning")
-    sub.add_argument("method", nargs="?", help="fsour, rosais, safex or steermoe (default: all)")
+    sub.add_argument("method", nargs="?", help=f"one of {', '.join(_method_names())} (default: all)")
     sub.add_argument("--markdown", action="store_true", help="as Markdown tables (docs/METHODS.md holds these)")
 
     manifest_args(command("validate", cmd_validate, "check a manifest and what it points at, running nothing"))
@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                      help="add the metric deltas of RUN_B against RUN_A")
     return parser
+
+
+def _method_names() -> list[str]:
+    from core.methods import METHODS  # the registry only: no torch, so every command can list it
+
+    return list(METHODS)
 
 
 def _query_tables_help() -> str:

@@ -119,6 +119,15 @@ def test_query_formats(capsys, store_root, fmt):
         assert lines[2].split() == ["sandbox", "asr", "0.75", "8"] and lines[-1] == "(2 rows)"
 
 
+def test_params_help_names_every_registered_method(capsys):
+    from core.methods import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["params", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"one of {', '.join(METHODS)} (default: all)" in out
+
+
 def test_query_help_describes_the_sql_and_lists_every_table(capsys):
     from core.schemas import TABLES
 
