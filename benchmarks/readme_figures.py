@@ -15,6 +15,7 @@ Tables are read by column name, so columns added later change nothing; when `met
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -25,10 +26,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.query import run_query  # noqa: E402
+from core.sandbox import SandboxConfig, default_cache_dir  # noqa: E402
 from core.store import ResultStore  # noqa: E402
 from jobs.manifest import load_manifest  # noqa: E402
 
@@ -157,8 +161,22 @@ def units_line(root: str, run: dict) -> str:
     versions = json.loads(run["versions"]) if isinstance(run["versions"], str) else run["versions"]
     return (f"Run `{run_id}`: {units['n']} units, {units['span']:.0f} s from the first unit's start to the last "
             f"one's end ({units['seconds']:.0f} s summed over units); torch {versions.get('torch')}, transformers "
-            f"{versions.get('transformers')}, ray {versions.get('ray')}. Written by `make figures` at commit "
-            f"{commit()} on {machine()}.")
+            f"{versions.get('transformers')}, ray {versions.get('ray')}.{sandbox_weights(run)} Written by "
+            f"`make figures` at commit {commit()} on {machine()}.")
+
+
+def sandbox_weights(run: dict) -> str:
+    """When the run's manifest has a model at path `sandbox`: the sha256 of the build a local run of it
+    uses (this machine's cache), so a reader can match these figures to the sandbox block's weights;
+    a build on another CPU is another model, with other figures."""
+    models = (yaml.safe_load(run.get("manifest") or "") or {}).get("models") or []
+    if not any(model.get("path") == "sandbox" for model in models):
+        return ""
+    weights = default_cache_dir() / "sandbox" / SandboxConfig().cache_key() / "model.safetensors"
+    if not weights.is_file():
+        return " Sandbox weights: no build in this machine's cache."
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return f" Sandbox weights (this machine's cached build): sha256 `{digest[:12]}`."
 
 
 def figures_block(root: str, run: dict) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.readme_figures import FiguresError, commit, machine, query  # noqa: E402
+from benchmarks.readme_figures import FiguresError, commit, machine, query, sandbox_weights  # noqa: E402
 
 BEGIN = "<!-- universal route figures: begin (written by `make figures`; edits here are overwritten) -->"
 END = "<!-- universal route figures: end -->"
@@ -51,7 +51,7 @@ def figures_block(root: str, run: dict) -> str:
                   f"candidates, {route['forwards']} forwards, {search:.0f} s; summed target log-prob "
                   f"{steps[0]:.2f} after the first visit and {route['objective']:.2f} at the end over "
                   f"{len(route['prompts_used'])} prompts (mean {route['objective'] / len(route['prompts_used']):.2f}).",
-              "", f"Run `{run_id}` of `manifests/beyond.yaml`; written by `make figures` at commit "
-                  f"{commit()} on {machine()}.", "", END]
+              "", f"Run `{run_id}` of `manifests/beyond.yaml`.{sandbox_weights(run)} Written by `make figures` at "
+                  f"commit {commit()} on {machine()}.", "", END]
     return "\n".join(lines)
 

@@ -109,6 +109,20 @@ def test_a_root_without_the_run_or_a_readme_without_markers_is_refused(tmp_path,
 
 
 @pytest.mark.slow
+def test_the_block_names_the_sandbox_weights_a_local_run_uses(tmp_path, quickstart_root, sandbox_dir, monkeypatch):
+    """A sandbox trained on another CPU is another model with other figures: the run's block names the
+    weights of this machine's build, to be matched with the sandbox block's."""
+    monkeypatch.setenv("MOESAFE_CACHE", str(sandbox_dir.parents[1]))
+    stored = figures.finished_run(quickstart_root, RUN)
+    run = {**stored, "manifest": (REPO / "manifests" / "quickstart.yaml").read_text()}
+    weights = hashlib.sha256((sandbox_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert f"Sandbox weights (this machine's cached build): sha256 `{weights[:12]}`." in figures.figures_block(
+        quickstart_root, run)
+    monkeypatch.setenv("MOESAFE_CACHE", str(tmp_path / "another-cache"))
+    assert "Sandbox weights: no build in this machine's cache." in figures.figures_block(quickstart_root, run)
+    assert "Sandbox weights" not in figures.figures_block(quickstart_root, stored)  # no sandbox model in the run
+
+
 def test_the_sandbox_block_names_the_weights_and_the_machine_of_its_rates(tmp_path, sandbox_dir, monkeypatch):
     """benchmarks/sandbox_figures.py: the rates of the cached build, with its weights' sha256 and the CPU
     (another CPU's float kernels train another model), through the same command line as the run blocks."""
