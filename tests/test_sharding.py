@@ -7,6 +7,7 @@ import collections
 import contextlib
 import copy
 import glob
+import itertools
 import re
 from pathlib import Path
 
@@ -49,29 +50,34 @@ def test_layer_ranges_are_contiguous_and_balanced():
 
 
 def test_logits_identical_and_memory_is_a_share(tiny):
+    """Each shard holds exactly the bytes of the unsharded model's tensors it owns: its layers (the
+    first also the embeddings, the last the final norm and LM head, a tied one as a copy of the
+    embeddings), plus the rotary frequencies every shard computes."""
     family, path, full, sharded = tiny
     ids = _ids(2, 9)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     with torch.no_grad():
         want = full.model(ids, attention_mask=mask).logits
-    full_bytes = sum(t.numel() * t.element_size() for t in [*full.model.parameters(), *full.model.buffers()])
-    for shards, lm in sharded.items():
-        assert torch.equal(lm.model(ids, attention_mask=mask).logits, want), f"{family} in {shards}"
-        held = [s.param_bytes() for s in lm.model.stages.shards]
-        assert max(held) < 0.75 * full_bytes, f"{family}: a shard of {shards} holds {held} of {full_bytes}"
-        # nothing held twice but the rotary frequencies, which every shard computes, and a tied
-        # embedding matrix, which the first shard embeds with and the last projects onto the vocabulary
-        rotary = sum(b.numel() * b.element_size() for b in full.model.get_decoder().rotary_emb.buffers())
-        embed = full.model.get_input_embeddings().weight
-        tied = embed.numel() * embed.element_size() if full.model.config.tie_word_embeddings else 0
-        assert sum(held) == full_bytes + (shards - 1) * rotary + tied
+    tensors = dict(itertools.chain(full.model.named_parameters(), full.model.named_buffers()))  # tied: once
+    full_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    tied = full.model.config.tie_word_embeddings
+    for count, lm in sharded.items():
+        assert torch.equal(lm.model(ids, attention_mask=mask).logits, want), f"{family} in {count}"
+        shards = lm.model.stages.shards
+        share = [0] * count
+        for name, t in tensors.items():
+            for i in (range(count) if "rotary_emb" in name else _owner(name, shards, tied)):
+                share[i] += t.numel() * t.element_size()
+        held = [s.param_bytes() for s in shards]
+        assert held == share, f"{family} in {count}"
+        assert max(held) < 0.75 * full_bytes, f"{family}: a shard of {count} holds {held} of {full_bytes}"
 
 
 def _owner(name: str, shards: list[ModelShard], tied: bool) -> set[int]:
-    """Which shards should read checkpoint tensor `name`: the one holding its decoder layer; the
-    first the embeddings (and the last too when the LM head is tied to them); the last the final
-    norm and the LM head."""
+    """Which shards should hold tensor `name` (of the checkpoint or the model): the one holding its
+    decoder layer; the first the embeddings (and the last too when the LM head is tied to them); the
+    last the final norm and the LM head."""
     layer = re.search(r"\.layers\.(\d+)\.", name)
     if layer:
         return {s.index for s in shards if int(layer[1]) in s.layers}
