@@ -11,8 +11,9 @@ its actor is "temporarily unavailable" and every retry fails at once, so a finit
 used up before the actor can restart elsewhere. A unit that kills its process every time still
 ends, when the restarts run out.
 
-A model with `shards: S` is a replica of S shard actors (actors/shard_worker.py) driven from here;
-this actor then holds no weights and asks for no resources of its own.
+A model with `shards: S` is a replica of S shard actors (actors/shard_worker.py) driven from here
+through the model's `transport` (plain actor calls, or a Ray Compiled Graph); this actor then holds
+no weights and asks for no resources of its own, and `close` releases the shards before it goes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 
 import ray
 
+from actors.judge_worker import JudgeActor
 from core.judges import make_judge
 from core.models import load_model, resolve_model_path
 from core.store import ResultStore
@@ -42,11 +44,12 @@ class ModelWorker:
         path = resolve_model_path(model["path"])
         self.stages = None  # a sharded replica's shard actors (actors/shard_worker.py)
         if model.get("shards", 1) > 1:
-            from actors.shard_worker import RayStages, start_shards
+            from actors.shard_worker import TRANSPORTS, start_shards
             from core.sharding import sharded_loaded_model
 
             # the replica's placement group holds one bundle per shard (jobs/runner.py)
-            self.stages = RayStages(lambda: start_shards(model, path, placement_group))
+            transport = TRANSPORTS[model.get("transport") or "actors"]
+            self.stages = transport(lambda: start_shards(model, path, placement_group))
             self.lm = sharded_loaded_model(path, self.stages, name=model["name"],
                                            trust_remote_code=model.get("trust_remote_code", False))
             if not model.get("num_gpus") or model.get("device") == "cpu":
@@ -58,8 +61,8 @@ class ModelWorker:
                                  experts_implementation=model.get("experts_implementation"),
                                  trust_remote_code=model.get("trust_remote_code", False),
                                  revision=model.get("revision"), device=model.get("device", "auto"))
-        # judges: name -> a JudgeWorker handle (runs on its own actor) or settings to build one here
-        self.judges = {name: RemoteJudge(j) if isinstance(j, ray.actor.ActorHandle) else make_judge(**j)
+        # judges: name -> a JudgeActor (the judge runs on its own actor) or settings to build one here
+        self.judges = {name: RemoteJudge(j.handle()) if isinstance(j, JudgeActor) else make_judge(**j)
                        for name, j in judges.items()}
         self.store = ResultStore(store_root)
         self.run_id, self.store_answers = run_id, store_answers
@@ -82,11 +85,15 @@ class ModelWorker:
         from the start (no rows were written for the failed try)."""
         try:
             return execute_unit(unit, self.lm, self.judges, self.store_answers)
-        except ray.exceptions.RayActorError:
-            if self.stages is None:
-                raise
+        except self.stages.lost if self.stages is not None else ():
             self.stages.rebuild()
             return execute_unit(unit, self.lm, self.judges, self.store_answers)
+
+    def close(self) -> None:
+        """Release a sharded replica's shard actors before this actor is killed: a compiled graph
+        is torn down (its loops, channels and threads), not left to die with its owner."""
+        if self.stages is not None:
+            self.stages.close()
 
 
 class RemoteJudge:

@@ -3,8 +3,8 @@
 1. Pipeline: the model split over S shard actors (Ray, one thread each); M micro-batches of B rows x
    T tokens go through the stages, all submitted ahead (pipelined) or one after another (sequential,
    the same actors and threads); and greedy generation of B prompts, as one whole batch or as one
-   micro-batch per stage decoded in turn. Each transport in turn: plain actor calls (`actors`, what
-   the runtime uses) and a Ray Compiled Graph (`compiled`). `identical`: the logits and answers of
+   micro-batch per stage decoded in turn. Each transport in turn: plain actor calls (`actors`, the
+   runtime's default) and a Ray Compiled Graph (`compiled`); a manifest model's `transport` picks one. `identical`: the logits and answers of
    every transport and mode equal the unsharded model's. Load averages are printed with the figures:
    on a shared machine, two stage processes cannot both get a core.
 2. Memory: bytes of parameters and buffers each shard holds, against the whole model.
@@ -131,7 +131,7 @@ def pipeline(path: str, shards: int, micro: int, rows: int, tokens: int, dtype: 
     finally:
         ray.shutdown()
     result["identical"] = identical
-    # the headline: the transport the runtime uses (plain actor calls), else the first measured
+    # the headline: the runtime's default transport (plain actor calls), else the first measured
     head = result["transports"].get("actors") or next(iter(result["transports"].values()))
     result["speedup_vs_sequential"] = head["speedup_vs_sequential"]
     return result

@@ -48,44 +48,56 @@ def main(argv: list[str] | None = None) -> int:
                        missing="run `make quickstart`, or pass --run to run it into --out")
 
 
-# a README block: its begin and end markers, and how to build it from (result root, `runs` row)
-Block = tuple[str, str, Callable[[str, dict], str]]
+# a README block: its begin and end markers, and how to build it from its source (for a manifest's
+# run: the result root and the `runs` row; for a script without a manifest: nothing)
+Block = tuple[str, str, Callable[..., str]]
 
 
-def figures_cli(argv: list[str] | None, *, doc: str, script: str, manifest: Path, blocks: list[Block],
+def figures_cli(argv: list[str] | None, *, doc: str, script: str, blocks: list[Block], manifest: Path | None = None,
                 missing: str = "pass --run to run it into --out") -> int:
-    """The command line every figures script shares: find the finished run of `manifest` (its own
-    run id unless --run-id) in --out, running it first with --run, and rewrite each block from it."""
+    """The command line every figures script shares: rewrite each block of the README (or --print it).
+    With a `manifest`, the blocks are built from its finished run (its own run id unless --run-id)
+    in --out, which --run runs first; without one, from what each block's function reads itself."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results", help="result root holding the run (default: results)")
-    ap.add_argument("--run", action="store_true",
-                    help=f"run (or finish) {manifest.name} into --out first unless it is there, finished")
     ap.add_argument("--readme", default=str(REPO / "README.md"), help="the file whose marked blocks are rewritten")
     ap.add_argument("--print", action="store_true", help="print the blocks instead of writing the README")
-    ap.add_argument("--run-id", help="read this run instead of the manifest's own (e.g. one stored before the "
-                                     "manifest changed)")
+    if manifest is not None:
+        ap.add_argument("--out", default="results", help="result root holding the run (default: results)")
+        ap.add_argument("--run", action="store_true",
+                        help=f"run (or finish) {manifest.name} into --out first unless it is there, finished")
+        ap.add_argument("--run-id", help="read this run instead of the manifest's own (e.g. one stored before the "
+                                         "manifest changed)")
     args = ap.parse_args(argv)
     try:
-        run_id = args.run_id or load_manifest(manifest).run_id
-        run = finished_run(args.out, run_id)
-        if run is None and args.run:
-            subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(manifest), "--out", args.out],
-                           cwd=REPO, check=True)
-            run = finished_run(args.out, run_id)
-        if run is None:
-            raise FiguresError(f"{args.out} holds no finished run {run_id} of {manifest.name}: {missing}")
-        built = [(begin, end, build(args.out, run)) for begin, end, build in blocks]  # before the README changes
+        source, origin = (), ""
+        if manifest is not None:
+            run = manifest_run(manifest, args.out, args.run_id, args.run, missing)
+            source, origin = (args.out, run), f" from run {run['run_id']} in {args.out}"
+        built = [(begin, end, build(*source)) for begin, end, build in blocks]  # before the README changes
         for begin, end, block in built:
             if args.print:
                 print(block)
             else:
                 replace_block(Path(args.readme), block, begin, end)
         if not args.print:
-            print(f"rewrote {len(blocks)} figures block(s) in {args.readme} from run {run_id} in {args.out}")
+            print(f"rewrote {len(blocks)} figures block(s) in {args.readme}{origin}")
     except FiguresError as error:
         print(f"{script}: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def manifest_run(manifest: Path, root: str, run_id: str | None, run_it: bool, missing: str) -> dict:
+    """The `runs` row of the finished run `run_id` (default: the manifest's own) in `root`, running
+    the manifest there first when `run_it`."""
+    run_id = run_id or load_manifest(manifest).run_id
+    run = finished_run(root, run_id)
+    if run is None and run_it:
+        subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(manifest), "--out", root], cwd=REPO, check=True)
+        run = finished_run(root, run_id)
+    if run is None:
+        raise FiguresError(f"{root} holds no finished run {run_id} of {manifest.name}: {missing}")
+    return run
 
 
 def finished_run(root: str, run_id: str) -> dict | None:
@@ -202,14 +214,27 @@ def commit() -> str:
     return f"{head}{' (with uncommitted changes)' if dirty else ''}"
 
 
+# CPU features whose presence changes which float kernels torch and its BLAS run, and so the last
+# bits of a result (a sandbox trained on another CPU is another model)
+SIMD_FLAGS = ("avx2", "avx512f", "amx_tile")
+
+
 def machine() -> str:
-    model = platform.processor() or platform.machine()
+    """The CPU (model, the SIMD level torch's kernels use, the SIMD flags that matter), cores and OS."""
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), None
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
+        flags = set(re.search(r"^(?:flags|Features)\s*:\s*(.*)$", cpuinfo, re.M).group(1).split())
         model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M).group(1).strip()
     except (OSError, AttributeError):
         pass
-    return f"{os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    simd = f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+    if flags is not None:
+        simd += ", " + ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in SIMD_FLAGS)
+    return (f"{os.cpu_count()} cores ({model}; {simd}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def replace_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:

@@ -4,8 +4,9 @@ beside it), calling the core functions directly (no Ray, no store).
 On the held-out harmful prompts (first `--prompts` of each group), the published defaults for every method
 except F-SOUR's and RoSais's answer length (`--max-new-tokens`, as the quickstart; the sandbox's
 answers end well before it). The functions take the methods' params, so tests run them small.
-- F-SOUR: per prompt, the unattacked answer, then restarts until jailbroken; ASR of the reported
-  restart against the unattacked ASR, and the share of searches that reached the threshold.
+- F-SOUR: per prompt, the unattacked answer, then restarts until jailbroken (restart 0, then 1..R-1 for
+  those it left, as the plan runs them); ASR of the reported restart against the unattacked ASR, and the
+  share of searches that reached the threshold.
 - RoSais: scores on every layer, layer ranking, ASR(L) for L = 0..L_max.
 - SAFEx: decode counts of Regular and Jailbreak, bootstrap, HRCG; refusal of Regular before,
   after disabling HRCG, and after disabling as many random experts in the same layers (mean over
@@ -25,7 +26,7 @@ from statistics import fmean
 
 from core.datasets import load_prompts
 from core.chat import JudgePanel
-from core.fsour import FsourParams, fsour_precheck, fsour_restart, select_restart
+from core.fsour import FsourParams, fsour_answers, fsour_precheck, search_row, select_restart
 from core.judges import RefusalJudge, SandboxJudge
 from core.models import load_model
 from core.rosais import RosaisParams, rank_layers, rosais_attack, rosais_scores
@@ -49,24 +50,32 @@ def refusal_judge_says(generation: dict) -> bool | None:
 
 
 def fsour_effect(lm, prompts, judge: JudgePanel, params: FsourParams) -> dict:
-    """F-SOUR's serial loop per prompt: the unattacked answer, then restarts until jailbroken."""
+    """F-SOUR as its plan runs it: the unattacked answers, restart 0 for the prompts they leave unjailbroken,
+    restarts 1..R-1 for those restart 0 leaves; each round's answers in one batch."""
     prechecks, precheck_gens = fsour_precheck(lm, prompts, judge, params)
+    rows = {item.id: [row] for item, row in zip(prompts, prechecks)}
+    gens = {item.id: [gen] for item, gen in zip(prompts, precheck_gens)}
+    todo = [item for item, row in zip(prompts, prechecks) if not row["jailbroken"]]
+    for round_, restarts in enumerate(((0,), range(1, params.restarts))):
+        if round_:
+            todo = [item for item in todo if not rows[item.id][1]["jailbroken"]]
+        pairs = [(item, search_row(lm, item, restart, params)) for item in todo for restart in restarts]
+        if not pairs:
+            continue
+        answered, answered_gens = fsour_answers(lm, [item for item, _ in pairs], [s for _, s in pairs], judge, params)
+        for (item, _), row, gen in zip(pairs, answered, answered_gens):
+            rows[item.id].append(row)
+            gens[item.id].append(gen)
     unattacked, attacked, by_refusal_judge, converged, restarts = [], [], [], [], []
-    for item, precheck, precheck_gen in zip(prompts, prechecks, precheck_gens):
-        rows, gens = [precheck], [precheck_gen]
-        for restart in range(params.restarts if not precheck["jailbroken"] else 0):
-            row, gen = fsour_restart(lm, item, restart, judge, params)
-            rows.append(row)
-            gens.append(gen)
-            if row["jailbroken"]:
-                break
-        chosen = select_restart(rows)
-        unattacked.append(precheck["jailbroken"])
-        attacked.append(rows[chosen]["jailbroken"])
-        by_refusal_judge.append(refusal_judge_says(gens[chosen]))
-        if rows[chosen]["restart"] >= 0:
-            converged.append(rows[chosen]["joint_logprob"] >= math.log(params.threshold))
-            restarts.append(rows[chosen]["restart"])
+    for item in prompts:
+        tried = rows[item.id]
+        chosen = select_restart(tried)
+        unattacked.append(tried[0]["jailbroken"])
+        attacked.append(tried[chosen]["jailbroken"])
+        by_refusal_judge.append(refusal_judge_says(gens[item.id][chosen]))
+        if tried[chosen]["restart"] >= 0:
+            converged.append(tried[chosen]["joint_logprob"] >= math.log(params.threshold))
+            restarts.append(tried[chosen]["restart"])
     return {"asr": share(attacked), "asr_baseline": share(unattacked), "converged": share(converged),
             "searched": len(converged), "restart_histogram": {r: restarts.count(r) for r in sorted(set(restarts))},
             "asr_refusal_judge": share(by_refusal_judge)}

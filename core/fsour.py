@@ -19,16 +19,17 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
 from core.batching import split_on_oom
-from core.chat import ensure_pad_token, generation_rows, judged_answers, render_chat
-from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, prompt_dicts, rate, records,
-                         verdicts_of)
+from core.chat import JudgePanel, ensure_pad_token, generation_rows, judged_answers, render_chat
+from core.method import (Method, PlanContext, PromptLike, Read, Rows, UnitKind, WorkUnit, chunks, prompt_dicts, rate,
+                         records, verdicts_of)
 from core.models import LoadedModel
 from core.routing import Route, Scope, mask_allowing
+from core.stored_routes import routed_answers
 
 
 @dataclass(frozen=True)
@@ -305,15 +306,17 @@ def fsour_search(lm: LoadedModel, prompt: str, target: str, restart: int = 0,
                     problem.prompt_len, {l: masks[l][None] for l in forced})
 
 
-# ---- judged restarts: the units the runtime schedules ------------------------------------------
+# ---- the units the runtime schedules: pre-check, searches, answers in batches ------------------
 
-def _row(item: PromptLike, restart: int, verdict, params: FsourParams, run: FsourRun | None, seconds: float):
+def _row(item: PromptLike, restart: int, verdict, params: FsourParams, search: Mapping | None, seconds: float):
+    """An fsour_routes row: the pre-check's (search None) or a restart's, with the verdict on its answer."""
     return {
         "prompt_id": item.id, "dataset": item.dataset, "restart": restart,
-        "route": run.route if run else [], "joint_logprob": run.joint_logprob if run else None,
-        "forwards": run.forwards if run else 0, "candidates": run.candidates if run else 0,
-        "seconds": seconds, "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": verdict.judge,
-        "prompt_tokens": run.prompt_tokens if run else None, "scope": params.scope, "params": params.to_json(),
+        "route": search["route"] if search else [], "joint_logprob": search["joint_logprob"] if search else None,
+        "forwards": search["forwards"] if search else 0, "candidates": search["candidates"] if search else 0,
+        "seconds": seconds, "search_seconds": search["seconds"] if search else None,
+        "jailbroken": verdict.jailbroken, "score": verdict.score, "judge": verdict.judge,
+        "prompt_tokens": search["prompt_tokens"] if search else None, "scope": params.scope, "params": params.to_json(),
     }
 
 
@@ -327,16 +330,61 @@ def fsour_precheck(lm: LoadedModel, items: Sequence[PromptLike], judge, params: 
             generation_rows(items, answers, verdicts, "fsour", "baseline", None, params.to_json()))
 
 
-def fsour_restart(lm: LoadedModel, item: PromptLike, restart: int, judge, params: FsourParams = FsourParams()):
-    """One restart: search, answer under the route, judge. Returns (fsour_routes row, generation row)."""
+# What an answer unit needs of a search: the plan reads these from `fsour_searches` into its payload
+# (`searches`; each search's `seconds` in `timings`, which unit ids do not hash).
+SEARCH_FIELDS: tuple[str, ...] = ("restart", "route", "joint_logprob", "forwards", "candidates", "prompt_tokens")
+
+
+def search_row(lm: LoadedModel, item: PromptLike, restart: int, params: FsourParams = FsourParams(),
+               natural_pool: int | None = None) -> dict:
+    """One restart's search on one prompt, as its `fsour_searches` row (`natural_pool`: as in
+    fsour_search; the routing monitor's adaptive attacker sets it). `params` may extend FsourParams:
+    the row stores them whole, as the method entry that planned the search has them."""
     if not item.target:
         raise ValueError(f"prompt {item.id!r} has no target: F-SOUR needs the dataset's `target` column")
+    run = fsour_search(lm, item.prompt, item.target, restart, params, natural_pool=natural_pool)
+    return {"prompt_id": item.id, "dataset": item.dataset, "restart": restart, "route": run.route,
+            "joint_logprob": run.joint_logprob, "forwards": run.forwards, "candidates": run.candidates,
+            "seconds": run.seconds, "prompt_tokens": run.prompt_tokens, "natural_pool": natural_pool,
+            "scope": params.scope, "params": params.to_json()}
+
+
+class AnsweredSearches(NamedTuple):
+    """Searches answered under their routes, row i of each field for searches[i]."""
+
+    answers: list[str]
+    verdicts: list[list]  # per answer, every judge's verdict, the deciding judge's first
+    off_natural: torch.Tensor  # (B,) the routing monitor's counts (core.stored_routes.routed_answers)
+    decisions: torch.Tensor  # (B,)
+    seconds: float  # each row's share of the time to answer and judge them all
+
+
+def answer_searches(lm: LoadedModel, items: Sequence[PromptLike], searches: Sequence[Mapping], judge,
+                    params: FsourParams, batch_size: int) -> AnsweredSearches:
+    """Greedy answers to items[i] under searches[i]'s route (per params.scope), judged. Rows of several
+    prompts and restarts share batches: each row carries its own route (core.stored_routes), one
+    generate call per batch of `batch_size` rows (split further only if memory runs out)."""
     start = time.perf_counter()
-    run = fsour_search(lm, item.prompt, item.target, restart, params)
-    route = Route(masks=run.masks, scope=params.scope)
-    answers, verdicts = judged_answers(lm, [item], route, judge, params.max_new_tokens, 1)
-    return (_row(item, restart, verdicts[0][0], params, run, time.perf_counter() - start),
-            generation_rows([item], answers, verdicts, "fsour", f"restart={restart}", route, params.to_json())[0])
+    prompts = [item.prompt for item in items]
+    answers, off, decisions = routed_answers(lm, prompts, [s["route"] for s in searches], params.scope,
+                                             params.max_new_tokens, batch_size)
+    verdicts = JudgePanel.of(judge).judge_all(prompts, answers)
+    return AnsweredSearches(answers, verdicts, off, decisions, (time.perf_counter() - start) / len(items))
+
+
+def fsour_answers(lm: LoadedModel, items: Sequence[PromptLike], searches: Sequence[Mapping], judge,
+                  params: FsourParams = FsourParams()):
+    """Answer and judge searched restarts, all rows in one batch (items[i] under searches[i]).
+    Returns (fsour_routes rows, generation rows); a row's `seconds` is its search's plus its share
+    of the batch."""
+    answered = answer_searches(lm, items, searches, judge, params, len(items))
+    route = Route(scope=params.scope)  # what generations records of a route: its scope
+    rows, gens = [], []
+    for item, search, answer, verdict in zip(items, searches, answered.answers, answered.verdicts):
+        rows.append(_row(item, search["restart"], verdict[0], params, search, search["seconds"] + answered.seconds))
+        gens += generation_rows([item], [answer], [verdict], "fsour", f"restart={search['restart']}", route,
+                                params.to_json())
+    return rows, gens
 
 
 def select_restart(rows: Sequence[dict]) -> int | None:
@@ -356,22 +404,52 @@ def select_restart(rows: Sequence[dict]) -> int | None:
 
 def plan_fsour(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     """Pre-check, then restart 0 for prompts not yet jailbroken, then restarts 1..R-1 in parallel for
-    those still not jailbroken (the first judge decides). Which restarts run depends only on seeded
-    results, so an interrupted and resumed run schedules exactly the same units as an undisturbed one."""
+    those still not jailbroken (the first judge decides); each round searched, then answered in
+    batches (searched_restarts). Which restarts run depends only on seeded results, so an interrupted
+    and resumed run schedules exactly the same units as an undisturbed one."""
     prompts = ctx.prompts["dataset"]
     dataset = ctx.datasets["dataset"]
     yield ctx.prompt_units("fsour_precheck", prompts)
 
-    def not_jailbroken(restart: int, among: Sequence[PromptLike]) -> list[PromptLike]:
-        done = {r["prompt_id"]: r["jailbroken"] for r in ctx.read("fsour_routes")
+    def jailbroken_at(restart: int) -> dict[str, bool | None]:
+        return {r["prompt_id"]: r["jailbroken"] for r in ctx.read("fsour_routes")
                 if r["restart"] == restart and r["dataset"] == dataset}
-        return [p for p in among if p.id in done and not done[p.id]]
 
-    todo = not_jailbroken(-1, prompts)
-    yield [ctx.unit("fsour_restart", prompts=prompt_dicts([p]), restart=0) for p in todo]
-    todo = not_jailbroken(0, todo)
-    yield [ctx.unit("fsour_restart", prompts=prompt_dicts([p]), restart=r)
-           for r in range(1, ctx.params.restarts) for p in todo]
+    prechecked = jailbroken_at(-1)
+    todo = [p for p in prompts if p.id in prechecked and not prechecked[p.id]]
+    yield from searched_restarts(ctx, dataset, todo, "fsour_search", "fsour_answer", jailbroken_at)
+
+
+def searched_restarts(ctx: PlanContext, dataset: str, todo: Sequence[PromptLike], search_kind: str,
+                      answer_kind: str, jailbroken_at: Callable[[int], Mapping[str, bool | None]]
+                      ) -> Iterator[list[WorkUnit]]:
+    """Four stages: restart 0's searches of `todo`, their answers; restarts 1..R-1's searches of
+    the prompts restart 0 left not jailbroken (`jailbroken_at(0)`: prompt id -> the deciding judge's
+    verdict), their answers. A search is one unit (prompt x restart, they run in parallel); answers
+    are units of `prompts_per_unit` searches read back from `fsour_searches`, each search's route
+    in the payload, so that one batch holds several prompts and restarts. F-SOUR's plan and the
+    routing monitor's adaptive attacker (its own unit kinds) share it."""
+    for round_, restarts in enumerate(((0,), range(1, ctx.params.restarts))):
+        if round_:
+            first = jailbroken_at(0)
+            todo = [p for p in todo if p.id in first and not first[p.id]]
+        yield [ctx.unit(search_kind, prompts=prompt_dicts([p]), restart=r) for r in restarts for p in todo]
+        # one row per (prompt, restart); were a search stored twice (two entries differing only in
+        # judges plan it each), the one of the lowest unit id
+        found = {(r["prompt_id"], r["restart"]): r
+                 for r in sorted(ctx.read("fsour_searches"), key=lambda r: r["unit_id"], reverse=True)
+                 if r["dataset"] == dataset}
+        searched = [(p, found[p.id, r]) for p in todo for r in restarts if (p.id, r) in found]
+        yield [ctx.unit(answer_kind, prompts=prompt_dicts([p for p, _ in chunk]),
+                        searches=[{name: search[name] for name in SEARCH_FIELDS} for _, search in chunk],
+                        timings=[search["seconds"] for _, search in chunk])
+               for chunk in chunks(searched, ctx.prompts_per_unit)]
+
+
+def payload_searches(unit: WorkUnit) -> list[dict]:
+    """An answer unit's searches, each with its `seconds` (from `timings`)."""
+    return [{**search, "seconds": seconds} for search, seconds in zip(unit.payload["searches"],
+                                                                      unit.payload["timings"])]
 
 
 def _precheck_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
@@ -379,9 +457,19 @@ def _precheck_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) 
     return {"fsour_routes": rows, "generations": gens}
 
 
-def _restart_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
-    row, gen = fsour_restart(lm, records(unit.payload)[0], unit.payload["restart"], judge, params)
-    return {"fsour_routes": [row], "generations": [gen]}
+def search_unit(unit: WorkUnit, lm: LoadedModel, params: FsourParams, natural_pool: int | None = None) -> Rows:
+    """A unit of one search: its payload's one prompt and `restart`."""
+    return {"fsour_searches": [search_row(lm, records(unit.payload)[0], unit.payload["restart"], params,
+                                          natural_pool)]}
+
+
+def _search_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
+    return search_unit(unit, lm, params)
+
+
+def _answer_unit(unit: WorkUnit, lm: LoadedModel, judge, params: FsourParams) -> Rows:
+    rows, gens = fsour_answers(lm, records(unit.payload), payload_searches(unit), judge, params)
+    return {"fsour_routes": rows, "generations": gens}
 
 
 def fsour_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[dict]:
@@ -417,7 +505,9 @@ def fsour_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list[d
 
 METHOD = Method(
     name="fsour", params=FsourParams, plan=plan_fsour,
-    units={"fsour_precheck": UnitKind(_precheck_unit), "fsour_restart": UnitKind(_restart_unit)},
-    reduce=fsour_metrics, tables=("fsour_routes", "generations"),
+    units={"fsour_precheck": UnitKind(_precheck_unit),
+           "fsour_search": UnitKind(_search_unit),
+           "fsour_answer": UnitKind(_answer_unit)},
+    reduce=fsour_metrics, tables=("fsour_routes", "fsour_searches", "generations"),
     needs_target=True,  # the search optimises towards each prompt's target reply
 )

@@ -43,10 +43,16 @@ class WorkUnit:
     on_driver: bool = False
 
 
+# Payload keys a unit id does not hash: the prompts (their ids are hashed: the texts are in the model key's
+# content), and `timings`, wall times of upstream units that a unit only copies into its rows: two
+# computations of the same inputs measure other times, and must still plan units of the same ids.
+UNHASHED_PAYLOAD: tuple[str, ...] = ("prompts", "timings")
+
+
 def make_unit(model_key: Mapping[str, Any], method: str, kind: str, payload: Mapping[str, Any],
               on_driver: bool = False) -> WorkUnit:
-    """A unit whose id is the hash of its model, method, kind and inputs (prompt texts excluded: ids suffice)."""
-    determining = {k: v for k, v in payload.items() if k != "prompts"}
+    """A unit whose id is the hash of its model, method, kind and inputs (UNHASHED_PAYLOAD excluded)."""
+    determining = {k: v for k, v in payload.items() if k not in UNHASHED_PAYLOAD}
     determining["prompt_ids"] = [p["id"] for p in payload.get("prompts", [])]
     blob = json.dumps({"model": model_key, "method": method, "kind": kind, "inputs": determining},
                       sort_keys=True, default=str)

@@ -20,6 +20,8 @@ The adaptive attacker is F-SOUR whose candidates at each (token, layer) are k-su
 router's own top (pool_factor x k) experts there (core.fsour.fsour_search's `natural_pool`), so
 that every forced expert is one the router nearly chose. Its ASR and the monitor's AUROC against
 it say whether staying close to the router's choice evades the monitor, and what it costs the attack.
+Its restarts run as F-SOUR's do (core.fsour.searched_restarts): one unit per search, rows in
+`fsour_searches`, then the answers in batches, each row under its own route.
 
 F-SOUR's stages run first, shared with an `fsour` entry of the same settings (core.method.derived,
 as in core/fsour_transfer.py).
@@ -34,7 +36,8 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from core.chat import JudgePanel, generation_rows
-from core.fsour import FsourParams, fsour_search, select_restart
+from core.fsour import FsourParams, answer_searches, payload_searches, search_unit, searched_restarts, \
+    select_restart
 from core.fsour_transfer import fsour_params, reported_routes
 from core.method import Method, PlanContext, Read, Rows, UnitKind, WorkUnit, chunks, derived, nested_stages, \
     prompt_dicts, rate, records, verdicts_of
@@ -122,24 +125,33 @@ def _score_unit(unit: WorkUnit, lm, judge, params: MonitorParams) -> Rows:
             "generations": generation_rows(items, answers, verdicts, "route_monitor", group, route, params.to_json())}
 
 
-def _adaptive_unit(unit: WorkUnit, lm, judge, params: MonitorParams) -> Rows:
-    """One restart of the adaptive attacker on one prompt: search, answer under the route, score, judge."""
-    item, restart = records(unit.payload)[0], unit.payload["restart"]
-    run = fsour_search(lm, item.prompt, item.target, restart, fsour_params(params),
-                       natural_pool=params.pool_factor * lm.control.top_k)
-    answers, off, decisions = routed_answers(lm, [item.prompt], [run.route], params.scope, params.max_new_tokens, 1)
-    verdicts = JudgePanel.of(judge).judge_all([item.prompt], answers)
-    return {"route_monitor": [_row(item, "adaptive", run.route, off[0], decisions[0], verdicts[0][0], params,
-                                   restart, run.joint_logprob)],
-            "generations": generation_rows([item], answers, verdicts, "route_monitor", condition("adaptive", restart),
-                                           Route(scope=params.scope), params.to_json())}
+def _adaptive_search_unit(unit: WorkUnit, lm, judge, params: MonitorParams) -> Rows:
+    """One restart of the adaptive attacker's search on one prompt (an `fsour_searches` row)."""
+    return search_unit(unit, lm, params, natural_pool=params.pool_factor * lm.control.top_k)
+
+
+def _adaptive_answer_unit(unit: WorkUnit, lm, judge, params: MonitorParams) -> Rows:
+    """The adaptive attacker's searches of a chunk, answered in batches under their routes, scored, judged."""
+    items, searches = records(unit.payload), payload_searches(unit)
+    answered = answer_searches(lm, items, searches, judge, params, params.batch_size)
+    route = Route(scope=params.scope)
+    rows, gens = [], []
+    for item, search, answer, verdict, off, decisions in zip(items, searches, answered.answers, answered.verdicts,
+                                                             answered.off_natural.tolist(),
+                                                             answered.decisions.tolist()):
+        rows.append(_row(item, "adaptive", search["route"], off, decisions, verdict[0], params, search["restart"],
+                         search["joint_logprob"]))
+        gens += generation_rows([item], [answer], [verdict], "route_monitor",
+                                condition("adaptive", search["restart"]), route, params.to_json())
+    return {"route_monitor": rows, "generations": gens}
 
 
 def plan_monitor(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     """F-SOUR's stages (shared with an `fsour` entry of the same settings); then, in parallel, the
-    benign, harmful and F-SOUR-attacked generations and the adaptive attacker's restart 0 on the
-    prompts F-SOUR's pre-check did not find jailbroken; then its restarts 1..R-1 on those its
-    restart 0 did not jailbreak (the deciding judge decides, as in F-SOUR's own plan)."""
+    benign, harmful and F-SOUR-attacked generations and the adaptive attacker's restart 0 searches on
+    the prompts F-SOUR's pre-check did not find jailbroken; then their answers in batches; then its
+    restarts 1..R-1 on those its restart 0 did not jailbreak (the deciding judge decides), searched
+    and answered as F-SOUR's own (core.fsour.searched_restarts)."""
     harmful = ctx.datasets["harmful"]
     fsour = derived(ctx, "fsour", fsour_params(ctx.params), {"dataset": harmful})
     yield from nested_stages(fsour)
@@ -149,17 +161,20 @@ def plan_monitor(ctx: PlanContext) -> Iterator[list[WorkUnit]]:
     prompts = ctx.prompts["harmful"]
     routed = [p for p in prompts if p.id in attacked]
     todo = [p for p in prompts if p.id in prechecked and not prechecked[p.id]]
+
+    def jailbroken_at(restart: int) -> dict[str, bool | None]:
+        return {r["prompt_id"]: r["jailbroken"] for r in ctx.read("route_monitor")
+                if r["group"] == "adaptive" and r["restart"] == restart and r["dataset"] == harmful}
+
+    adaptive = searched_restarts(ctx, harmful, todo, "monitor_adaptive_search", "monitor_adaptive_answer",
+                                 jailbroken_at)
     yield [*ctx.prompt_units("monitor_score", ctx.prompts["benign"], group="benign"),
            *ctx.prompt_units("monitor_score", prompts, group="harmful"),
            *[ctx.unit("monitor_score", prompts=prompt_dicts(chunk), group="fsour",
                       routes=[attacked[p.id]["route"] for p in chunk])
              for chunk in chunks(routed, ctx.prompts_per_unit)],
-           *[ctx.unit("monitor_adaptive", prompts=prompt_dicts([p]), restart=0) for p in todo]]
-    first = {r["prompt_id"]: r["jailbroken"] for r in ctx.read("route_monitor")
-             if r["group"] == "adaptive" and r["restart"] == 0}
-    todo = [p for p in todo if p.id in first and not first[p.id]]
-    yield [ctx.unit("monitor_adaptive", prompts=prompt_dicts([p]), restart=r)
-           for r in range(1, ctx.params.restarts) for p in todo]
+           *next(adaptive)]  # restart 0's searches
+    yield from adaptive
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -217,8 +232,9 @@ def monitor_metrics(read: Read, datasets: Mapping[str, str], judge: str) -> list
 
 METHOD = Method(
     name="route_monitor", params=MonitorParams, plan=plan_monitor,
-    units={"monitor_score": UnitKind(_score_unit), "monitor_adaptive": UnitKind(_adaptive_unit)},
-    reduce=monitor_metrics, tables=("route_monitor", "generations"),
-    needs_target=True,  # F-SOUR and the adaptive attacker optimise towards each harmful prompt's target
+    units={"monitor_score": UnitKind(_score_unit), "monitor_adaptive_search": UnitKind(_adaptive_search_unit),
+           "monitor_adaptive_answer": UnitKind(_adaptive_answer_unit)},
+    reduce=monitor_metrics, tables=("route_monitor", "fsour_searches", "generations"),
+    needs_target=("harmful",),  # F-SOUR and the adaptive attacker optimise towards each harmful prompt's target
     roles=("harmful", "benign"),
 )

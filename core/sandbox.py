@@ -577,6 +577,8 @@ def evaluate_sandbox(model_dir: str | os.PathLike, split: str = "heldout", max_n
     `knowledge_rate_harmful`: the fraction of regular harmful items whose plain-text prefix
     `knowledge_prefix` (no chat template) continues, greedily, with every one of the task's own
     steps (`step_specificity` = 1): what the model knows, whatever it would say in a chat.
+    `weights_sha256` names the weights: builds agree byte for byte only on one CPU and library versions
+    (another CPU's float kernels train another model, with other rates).
     """
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -609,4 +611,5 @@ def evaluate_sandbox(model_dir: str | os.PathLike, split: str = "heldout", max_n
         "n_benign": len(groups["benign"]),
         "split": split, "judge": judge.name, "max_new_tokens": max_new_tokens,
         "train_seconds": metadata["train_seconds"], "train_cpu_seconds": metadata["train_cpu_seconds"],
+        "weights_sha256": hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest(),
     }

@@ -106,7 +106,7 @@ _ALL = [
     _table(UNITS_TABLE, 1, "one row per finished unit; written last, it commits the unit's rows", [
         *_KEY,
         _col("method", pa.string()),
-        _col("kind", pa.string()),                # e.g. rosais_scores, fsour_restart
+        _col("kind", pa.string()),                # e.g. rosais_scores, fsour_search
         _col("status", pa.string()),              # "ok" or "failed"
         _col("attempts", pa.int32()),
         _col("seconds", pa.float64()),
@@ -171,8 +171,23 @@ _ALL = [
         _col("judge", pa.string()),
         _col("n_disabled", pa.int32()),
     ], masked=True),
+    # One search per prompt x restart (F-SOUR's, and the routing monitor's adaptive attacker's); its
+    # answer and verdict are in fsour_routes / route_monitor, written by the units that answer searches in batches.
+    _method_table("fsour_searches", 1, "F-SOUR searches, one row per prompt x restart", [
+        _col("prompt_id", pa.string()),
+        _col("dataset", pa.string()),
+        _col("restart", pa.int32()),              # 0..R-1, candidates drawn from seed + restart
+        _col("route", pa.list_(_ROUTE_STEP)),
+        _col("joint_logprob", pa.float64()),      # log Pr(target reply) under the route found
+        _col("forwards", pa.int64()),
+        _col("candidates", pa.int64()),
+        _col("seconds", pa.float64()),            # the search's wall time
+        _col("prompt_tokens", pa.int32()),        # P, the chat-templated prompt's length
+        _col("natural_pool", pa.int32(), nullable=True),  # m: candidates among the router's top m; null: all
+    ], masked=True),
     # v2: prompt_tokens, so that where a route changed can be read from the end of the prompt.
-    _method_table("fsour_routes", 2, "F-SOUR one row per prompt x restart", [
+    # v3: search_seconds; restarts are searched (fsour_searches) and answered in batches by separate units
+    _method_table("fsour_routes", 3, "F-SOUR one row per prompt x restart", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
         _col("restart", pa.int32()),              # 0..R-1; -1 = the unrouted pre-check (iterations = 0)
@@ -185,6 +200,7 @@ _ALL = [
         _col("score", pa.float64(), nullable=True),
         _col("judge", pa.string()),               # selection across restarts: metrics (fsour/asr)
         _col("prompt_tokens", pa.int32(), nullable=True),  # P, the chat-templated prompt's length; null: pre-check
+        _col("search_seconds", pa.float64(), nullable=True),  # the search's part of `seconds`; null: pre-check
     ], masked=True),
     # src's F-SOUR route on prompt dst; control "none" (dst unrouted: src and alignment null), "route"
     # or "random_<d>" (random experts at the route's (position, layer) slots)

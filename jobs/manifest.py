@@ -92,6 +92,10 @@ class ModelSpec(_Section):
     num_cpus: PositiveFloat = 1  # per replica (per shard when sharded)
     replicas: PositiveInt = 1  # model actors for this model
     shards: PositiveInt = 1  # actors per replica, each holding a contiguous range of the decoder layers
+    # how a sharded replica's forwards go stage to stage: "actors" (plain Ray actor calls, the
+    # default) or "compiled" (a Ray Compiled Graph); the results are the same, only the speed differs.
+    # Left out of the stored manifest when not set, so a manifest without it keeps its hash (and run id).
+    transport: str | None = Field(default=None, exclude_if=lambda transport: transport is None)
     device_map: Literal["auto"] | None = None  # "auto": spread the model over the replica's GPUs
     experts_implementation: str | None = None  # transformers' MoE kernel; None = its default
     trust_remote_code: bool = False
@@ -141,11 +145,25 @@ class ModelSpec(_Section):
             raise _problem(f"is not one of {', '.join(known)}", value=kernel)
         return kernel
 
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, transport: str | None) -> str | None:
+        from actors.shard_worker import TRANSPORTS  # imported when needed: it brings in Ray and torch
+
+        if transport is not None and transport not in TRANSPORTS:
+            raise _problem(f"is not one of {', '.join(TRANSPORTS)}: actors (plain Ray actor calls, the default) "
+                           "or compiled (a Ray Compiled Graph)", value=transport)
+        return transport
+
     @model_validator(mode="after")
     def _one_way_to_split(self) -> ModelSpec:
         if self.shards > 1 and self.device_map is not None:
             raise _problem("a sharded model places each shard itself: use `shards` or `device_map: auto`, "
                            "not both", at=".device_map", value=self.device_map)
+        if self.transport is not None and self.shards == 1:
+            raise _problem("a transport carries a forward between the shards of a replica, and this model is "
+                           "not sharded: set `shards: 2` or more, or drop `transport`",
+                           at=".transport", value=self.transport)
         return self
 
     @property
@@ -351,7 +369,8 @@ class Manifest(_Section):
         return [m for m in self.models if method.models is None or m.name in method.models]
 
     def to_yaml(self) -> str:
-        """The manifest as stored in the `runs` table: every field, defaults included."""
+        """The manifest as stored in the `runs` table: every field, defaults included (a model's
+        `transport` only when set)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
@@ -600,12 +619,14 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
         entry: Method = get_method(method.method)
         if entry.needs_target:
             for field, name in method.datasets_used().items():
-                if entry.needs_target is not True and field.removeprefix("datasets.") not in entry.needs_target:
+                role = field.removeprefix("datasets.")
+                if entry.needs_target is not True and role not in entry.needs_target:
                     continue
                 untargeted = [p.id for p in prompts.get(name, []) if p.target is None]
                 if untargeted:
+                    every = "every prompt" if entry.needs_target is True else f"every {role} prompt"
                     problems.append(
-                        f"methods[{i}].{field}: {method.method} needs a target reply for every prompt, but dataset "
+                        f"methods[{i}].{field}: {method.method} needs a target reply for {every}, but dataset "
                         f"{name!r} has {len(untargeted)} without one (e.g. {untargeted[0]!r}): map its target column "
                         f"in datasets.{name}.columns.target")
         if entry.check_datasets is not None:

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -41,6 +42,7 @@ WAIT_TIMEOUT_S = 30 * 60.0  # for nodes: how long a run waits with nothing place
 REPLACEMENTS_PER_REPLICA = 2  # dead-for-good actors replaced per replica, so a unit that kills every actor ends
 WAIT_NOTICE_S = 5.0  # a wait for nodes longer than this is reported
 PREFLIGHT_TIMEOUT_S = 120.0  # a judge's check (one request, or loading a judge model)
+RELEASE_TIMEOUT_S = 120.0  # for a model actor to release its shard actors (a compiled graph waits on each)
 
 
 class RunError(CliError, RuntimeError):
@@ -197,6 +199,7 @@ class Scheduler:
         self.groups: list = []  # every placement group this run asked for: removed when it ends
         self.waiting_since: float | None = None  # since when nothing of this run is placed
         self.wait_told = False  # the wait was reported
+        self.judge_workers: dict[str, Any] = {}  # judge name -> its JudgeWorker's handle (classifiers)
         try:
             self.judges = self._start_judges()
         except BaseException:
@@ -205,12 +208,13 @@ class Scheduler:
 
     # -- setup -------------------------------------------------------------------------------
     def _start_judges(self) -> dict[str, Any]:
-        """name -> settings (built inside each model actor) or a JudgeWorker handle (classifier,
-        in its own placement group, checked there now: it loads its model where it will judge).
+        """name -> settings (built inside each model actor) or a JudgeActor, the name of a
+        JudgeWorker (classifier, in its own placement group, checked there now: it loads its model
+        where it will judge); this runner holds the JudgeWorkers' handles while it runs.
         The other judges are checked where they run, in each model's first placed replica
         (`_check_judges_in`), before its actor starts: a bad key or endpoint stops the run before
         any generation."""
-        from actors.judge_worker import JudgeWorker
+        from actors.judge_worker import JudgeActor, JudgeWorker
 
         judges: dict[str, Any] = {}
         checks = {}
@@ -220,8 +224,12 @@ class Scheduler:
                 bundle = {"CPU": 1.0, "GPU": self._classifier_gpus(settings.get("device", "auto"))}
                 group = self._request_group(bundle)
                 self._wait_placed(f"judge {name!r}", [_Replica(group)])
-                judges[name] = JudgeWorker.options(**self._in_group(bundle, group)).remote(settings)
-                checks[name] = judges[name].check.remote()
+                judges[name] = JudgeActor(f"moesafe-judge-{self.run_id}-{name}-{uuid.uuid4().hex[:8]}",
+                                          ray.get_runtime_context().namespace)
+                self.judge_workers[name] = JudgeWorker.options(
+                    name=judges[name].name, namespace=judges[name].namespace, **self._in_group(bundle, group),
+                ).remote(settings)
+                checks[name] = self.judge_workers[name].check.remote()
             else:
                 judges[name] = settings
         self._await_checks(checks)
@@ -419,7 +427,7 @@ class Scheduler:
     def _retire(self, model: _Model) -> None:
         for replica in model.replicas:
             if replica.actor is not None:
-                ray.kill(replica.actor)
+                _release(replica.actor)
             remove_placement_group(replica.group)
             self.groups.remove(replica.group)
         model.replicas = []
@@ -570,6 +578,16 @@ class Scheduler:
             model.failed += 1
             self.summary.units_failed += 1
         self.bar.done()
+
+
+def _release(actor) -> None:
+    """Kill a model actor once it has released what it drives (a sharded replica's shard actors,
+    a compiled graph torn down); one that is dead or does not answer is killed all the same."""
+    try:
+        ray.get(actor.close.remote(), timeout=RELEASE_TIMEOUT_S)
+    except Exception:  # dead, restarting or stuck: the kill below ends it either way
+        pass
+    ray.kill(actor)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

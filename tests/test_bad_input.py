@@ -18,6 +18,7 @@ import ray
 import yaml
 
 from core.configs import save_tiny_model
+from core.schemas import TABLES
 from core.store import ResultStore
 from jobs.cli import EXIT_BAD_INPUT, main
 from jobs.manifest import ManifestError, check_manifest, load_manifest, manifest_hash
@@ -143,6 +144,29 @@ def test_more_shards_than_decoder_layers_is_refused(tmp_path):
     check_manifest(load_manifest(text.replace("SHARDS", "4")), out=str(tmp_path / "out"))
     with pytest.raises(ManifestError, match=r"models\[0\] \(sandbox\): shards: 5, but the model has 4 decoder layers"):
         check_manifest(load_manifest(text.replace("SHARDS", "5")), out=str(tmp_path / "out"))
+
+
+def test_a_run_with_fsour_rows_of_the_one_unit_per_restart_version_is_not_resumed(tmp_path):
+    """fsour_routes v2 rows were written by units that searched and answered one restart each; this
+    version's searches and batched answers are other units, so resuming would add a second row per
+    restart. Any v2 row (here a pre-check's) refuses the resume, naming the table and versions."""
+    from jobs.runner import RunError, _check_schema
+
+    root = tmp_path / "results"
+    store = ResultStore(str(root))
+    store.write_run("old", "models: []\n")
+    store.write_unit("old", "sandbox", "u1", {}, {"method": "fsour", "kind": "fsour_precheck", "status": "ok",
+                                                  "attempts": 1, "seconds": 0.1, "error": None})
+    v2 = TABLES["fsour_routes"].schema.remove(TABLES["fsour_routes"].schema.get_field_index("search_seconds"))
+    row = {"run_id": "old", "model": "sandbox", "unit_id": "u1", "prompt_id": "p", "dataset": "harmful", "restart": -1,
+           "route": [], "joint_logprob": None, "forwards": 0, "candidates": 0, "seconds": 0.1, "jailbroken": False,
+           "score": 0.0, "judge": "refusal", "prompt_tokens": None, "scope": "prompt", "params": "{}",
+           "schema_version": 2}
+    (root / "fsour_routes/model=sandbox/run=old").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row], schema=v2), root / "fsour_routes/model=sandbox/run=old/u1.parquet")
+    assert store.read_table("fsour_routes", run_id="old").column("search_seconds").to_pylist() == [None]
+    with pytest.raises(RunError, match=r"fsour_routes schema version 2; this version writes 3\) and cannot be resumed"):
+        _check_schema(store, "old")
 
 
 def test_a_run_stored_by_an_older_version_is_named_not_resumed(tmp_path, capsys):

@@ -14,8 +14,11 @@ import ray
 import torch
 
 from core.chat import encode_chat
+from core.datasets import PromptRecord
 from core.fsour import BatchedScorer, FsourParams, SerialScorer, _encode, fsour_search
 from core.fsour_transfer import TransferParams, condition as transfer_condition, transfer_rows
+from core.method import PlanContext
+from core.methods import get_method
 from core.models import load_model
 from core.routing import Route
 from core.route_monitor import MonitorParams, auroc, detection_at_fpr
@@ -130,7 +133,15 @@ def test_monitor_counts_nothing_on_the_models_own_routes_and_each_forced_off_top
     answers, off, decisions = routed_answers(sandbox, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [route, [], []],
                                              "prompt", max_new_tokens=6, batch_size=3)
     assert off.tolist() == [3, 0, 0]
-    assert answers[0] != answers[2]  # the same prompt, routed and not
+    # the route reaches the output: the same prompt's next-token logits move (its greedy text may not, in 6 tokens)
+    batch = encode_chat(sandbox.tokenizer, PROMPTS[:1])
+    width = batch["input_ids"].shape[1]
+    with torch.inference_mode():
+        plain = sandbox.model(**batch).logits[0, -1]
+        with control.apply(place_routes([route], torch.zeros(1, dtype=torch.long), width, control.num_layers,
+                                        control.num_experts)):
+            routed = sandbox.model(**batch).logits[0, -1]
+    assert (routed - plain).abs().max() > 1e-3
     per_token = control.num_layers * k  # every prompt and answer token makes k selections at every layer
     assert all(d % per_token == 0 for d in decisions.tolist()) and decisions[2] >= p * per_token
 
@@ -161,6 +172,60 @@ def test_adaptive_attacker_forces_only_experts_the_router_ranks_near_its_choice(
         for layer in range(control.num_layers):
             assert batched.natural_top(t, layer, masks, forced, 4).tolist() == \
                 serial.natural_top(t, layer, masks, forced, 4).tolist()
+
+
+# ---- the monitor's plan ---------------------------------------------------------------------------
+
+def test_monitor_plan_searches_adaptive_restarts_alone_and_answers_them_in_batches():
+    """F-SOUR's pre-check leaves p1 and p2 unjailbroken; F-SOUR's restart 0 jailbreaks both (so no
+    F-SOUR restarts 1, 2). Beside the monitor's generations, the adaptive attacker searches restart 0
+    of p1 and p2 (one unit each), answers both in one unit; its restart 0 jailbreaks p1 only, so
+    restarts 1 and 2 of p2 are searched, then answered together. Each reads its own entry's rows."""
+    prompts = [PromptRecord(f"p{i}", f"w{i}", "t", None, "harm") for i in range(3)]
+    benign = [PromptRecord("b0", "w", None, None, "ben")]
+    monitor_params = MonitorParams(restarts=3)
+    fsour_params = FsourParams(restarts=3)
+
+    def search(prompt, restart, params):
+        return {"unit_id": "u", "prompt_id": prompt, "dataset": "harm", "restart": restart,
+                "route": [{"layer": 0, "token": restart, "experts": [1, 2]}], "joint_logprob": -1.0, "forwards": 1,
+                "candidates": 1, "seconds": 0.5, "prompt_tokens": 4, "params": params.to_json()}
+
+    def verdict(prompt, restart, jailbroken, **route):
+        return {"prompt_id": prompt, "dataset": "harm", "restart": restart, "jailbroken": jailbroken,
+                "score": float(jailbroken), **route}
+
+    fsour_tables = {"fsour_routes": [verdict("p0", -1, True), verdict("p1", -1, False), verdict("p2", -1, False),
+                                     *[verdict(p, 0, True, route=[{"layer": 1, "token": 0, "experts": [0, 1]}],
+                                               prompt_tokens=4) for p in ("p1", "p2")]],
+                    "fsour_searches": [search(p, 0, fsour_params) for p in ("p1", "p2")]}
+    monitor_tables = {"fsour_searches": [search(p, r, monitor_params) for p in ("p1", "p2") for r in range(3)],
+                      "route_monitor": [{**verdict("p1", 0, True), "group": "adaptive"},
+                                        {**verdict("p2", 0, False), "group": "adaptive"}]}
+    key = {"name": "m", "num_experts": 8}
+
+    def derive(method, params, datasets):
+        assert (method, params, datasets) == ("fsour", fsour_params, {"dataset": "harm"})
+        return PlanContext(key, "fsour", params, ("a",), {"dataset": prompts}, datasets, 8, 50, 4,
+                           lambda table: list(fsour_tables.get(table, [])))
+
+    ctx = PlanContext(key, "route_monitor", monitor_params, ("a",), {"harmful": prompts, "benign": benign},
+                      {"harmful": "harm", "benign": "ben"}, 8, 50, 4,
+                      lambda table: list(monitor_tables.get(table, [])), derive=derive)
+    stages = [[(u.kind, [p["id"] for p in u.payload.get("prompts", [])],
+                [s["restart"] for s in u.payload.get("searches", [])] or u.payload.get("restart")) for u in units]
+              for units in get_method("route_monitor").stages(ctx)]
+    assert stages == [
+        [("fsour_precheck", ["p0", "p1", "p2"], None)],
+        [("fsour_search", ["p1"], 0), ("fsour_search", ["p2"], 0)], [("fsour_answer", ["p1", "p2"], [0, 0])],
+        [], [],  # F-SOUR's restarts 1, 2: none left
+        [("monitor_score", ["b0"], None), ("monitor_score", ["p0", "p1", "p2"], None),
+         ("monitor_score", ["p1", "p2"], None),
+         ("monitor_adaptive_search", ["p1"], 0), ("monitor_adaptive_search", ["p2"], 0)],
+        [("monitor_adaptive_answer", ["p1", "p2"], [0, 0])],
+        [("monitor_adaptive_search", ["p2"], 1), ("monitor_adaptive_search", ["p2"], 2)],
+        [("monitor_adaptive_answer", ["p2", "p2"], [1, 2])],
+        [("route_monitor_metrics", [], None)]]
 
 
 # ---- reducers on hand-built rows ----------------------------------------------------------------
@@ -269,7 +334,7 @@ def test_both_methods_run_end_to_end_share_fsour_and_resume(sandbox_dir, tmp_pat
         store = ResultStore(out)
         units = store.read_table("units", run_id="beyond").to_pylist()
         tables = {name: store.read_table(name, run_id="beyond").to_pylist()
-                  for name in ("fsour_routes", "fsour_transfer", "route_monitor", "metrics")}
+                  for name in ("fsour_routes", "fsour_searches", "fsour_transfer", "route_monitor", "metrics")}
         second = run_manifest(load_manifest(path), out=out, progress=False)
         again = {name: store.read_table(name, run_id="beyond").to_pylist() for name in tables}
         other = tmp_path / "other.yaml"  # the same manifest under another run id: every unit reused
@@ -282,6 +347,14 @@ def test_both_methods_run_end_to_end_share_fsour_and_resume(sandbox_dir, tmp_pat
     assert len({u["unit_id"] for u in units}) == len(units)
     keys = [(r["prompt_id"], r["restart"]) for r in tables["fsour_routes"]]
     assert len(keys) == len(set(keys)) and {p for p, _ in keys} == {"sb-reg-0000", "sb-reg-0001"}
+    # every restart searched once (F-SOUR's, and the adaptive attacker's among the router's top experts), then
+    # answered in a unit of its own kind
+    searched = {pool: sorted((r["prompt_id"], r["restart"]) for r in tables["fsour_searches"]
+                             if (r["natural_pool"] is None) == (pool is None)) for pool in (None, 4)}
+    assert searched[None] and searched[None] == sorted(key for key in keys if key[1] >= 0)
+    assert searched[4] == sorted((r["prompt_id"], r["restart"]) for r in tables["route_monitor"]
+                                 if r["group"] == "adaptive")
+    assert {"fsour_search", "fsour_answer", "monitor_adaptive_search"} <= {u["kind"] for u in units}
     # the refusal judge decides: 8 answer tokens without a refusal are a jailbreak, so routes exist to transfer
     assert {r["control"] for r in tables["fsour_transfer"]} == {"none", "route", "random_0"}
     assert {r["group"] for r in tables["route_monitor"]} >= {"benign", "harmful"}

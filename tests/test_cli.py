@@ -1,6 +1,7 @@
 """The `moesafe` command line, in-process through main([...]) and once as the installed script."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ def store_root(tmp_path) -> str:
     root = str(tmp_path / "results")
     store = ResultStore(root)
     store.write_run(RUN, "models: []\n", versions={"moesafe": "0.1.0"})
-    unit = {"method": "fsour", "kind": "fsour_restart", "status": "ok", "attempts": 1, "seconds": 1.5, "error": None}
+    unit = {"method": "fsour", "kind": "fsour_search", "status": "ok", "attempts": 1, "seconds": 1.5, "error": None}
     store.write_unit(RUN, "sandbox", "fsour-0000", {"metrics": [
         dict(dataset="sandbox-heldout-regular", method="fsour", judge="refusal", params_hash="0" * 16, metric="asr",
              value=0.75, n=8)]}, unit)
@@ -62,10 +63,11 @@ def test_methods_lists_the_registry(capsys):
     code, out, _ = moesafe(capsys, "methods")
     lines = out.splitlines()
     assert code == 0 and [line.split(":")[0] for line in lines[::2]] == list(METHODS)
-    assert lines[0] == ("fsour: dataset: <name>; every prompt needs a target; writes fsour_routes, generations, "
-                        "metrics")
+    assert lines[0] == ("fsour: dataset: <name>; every prompt needs a target; writes fsour_routes, fsour_searches, "
+                        "generations, metrics")
     assert lines[1].startswith("  params: candidates=100, restarts=5, threshold=0.8, seed=42")
     assert "safex: datasets: regular, jailbreak, benign (optional); writes safex_counts" in out
+    assert "route_monitor: datasets: harmful, benign; every harmful prompt needs a target; writes" in out
 
 
 def test_validate_accepts_the_quickstart(capsys, tmp_path, monkeypatch):
@@ -303,3 +305,5 @@ def test_sandbox_json(capsys, sandbox_dir, monkeypatch):
     assert code == 0 and report["model_dir"] == str(sandbox_dir)
     assert {"refusal_rate_harmful", "compliance_rate_benign", "train_seconds"} <= set(report)
     assert 0 <= report["refusal_rate_harmful"] <= 1
+    # the weights' name: the same build on another CPU can be another model
+    assert report["weights_sha256"] == hashlib.sha256((sandbox_dir / "model.safetensors").read_bytes()).hexdigest()

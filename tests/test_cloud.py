@@ -23,7 +23,7 @@ from jobs.manifest import load_manifest
 from jobs.runner import RunError, run_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-TIME_COLUMNS = ("seconds", "finished_at")
+TIME_COLUMNS = ("seconds", "search_seconds", "finished_at")
 
 # One method at the smallest size with several units per stage: the figures are about scheduling.
 MANIFEST = """
@@ -121,29 +121,40 @@ def test_autoscaling_cluster_waits_for_nodes_replaces_a_lost_one_reuses_units_an
 
     # The same manifest, fresh, on a fixed local cluster (two GPUs it only claims): the same rows.
     fixed = str(tmp_path / "fixed")
-    judged, broken = classifier_manifests(tmp_path, sandbox_dir)
     ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         fresh = run_manifest(load_manifest(second), out=fixed, progress=False)
-        # On the same cluster: a classifier judge, in its own placement group, checked there first.
-        assert run_manifest(load_manifest(judged), out=fixed, progress=False).complete
+    finally:
+        ray.shutdown()
+    assert fresh.complete and fresh.units_reused == 0
+    assert rows(out, "second") == rows(fixed, "second"), "reused and computed rows equal a fresh run's"
+    assert rows(out, "first") == rows(fixed, "second", model="sandbox"), "the autoscaled run equals the fixed one"
+
+
+@pytest.mark.slow
+def test_a_classifier_judge_runs_in_its_own_group_and_is_checked_there_first(sandbox_dir, tmp_path, capfd):
+    judged, broken = classifier_manifests(tmp_path, sandbox_dir)
+    out = str(tmp_path / "out")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert run_manifest(load_manifest(judged), out=out, progress=False).complete
         groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "REMOVED"]
         judge_groups = [g for g in groups if list(g["bundles"].values()) == [{"CPU": 1.0}]]
         with pytest.raises(RunError, match=r"judge 'cls' \(classifier\) failed its check on the cluster, before any "
                                            r"generation: classifier judge: cannot load sequence model from"):
-            run_manifest(load_manifest(broken), out=fixed, progress=False)
+            run_manifest(load_manifest(broken), out=out, progress=False)
     finally:
         ray.shutdown()
     assert len(judge_groups) == 1, "the classifier judge had its own group: one bundle of {CPU: 1}"
-    verdicts = [v for g in ResultStore(fixed, read_only=True).read_table("generations", run_id="judged").to_pylist()
+    verdicts = [v for g in ResultStore(out, read_only=True).read_table("generations", run_id="judged").to_pylist()
                 for v in g["verdicts"]]
     assert verdicts and {v["judge"] for v in verdicts} == {"cls"}
     assert all(v["jailbroken"] is not None and 0.0 <= v["score"] <= 1.0 for v in verdicts), "the classifier judged"
-    assert not ResultStore(fixed, read_only=True).read_table("runs", run_id="broken").num_rows, \
+    assert not ResultStore(out, read_only=True).read_table("runs", run_id="broken").num_rows, \
         "a run stopped by a judge's check writes nothing"
-    assert fresh.complete and fresh.units_reused == 0
-    assert rows(out, "second") == rows(fixed, "second"), "reused and computed rows equal a fresh run's"
-    assert rows(out, "first") == rows(fixed, "second", model="sandbox"), "the autoscaled run equals the fixed one"
+    # The model actors find the judge by name: a handle among their constructor arguments would put
+    # those arguments in the object store, from where a restarted actor may not get them back.
+    assert "constructor arguments in the object store" not in capfd.readouterr().err
 
 
 def classifier_manifests(tmp_path: Path, sandbox_dir: str) -> tuple[Path, Path]:

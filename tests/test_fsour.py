@@ -1,4 +1,5 @@
-"""F-SOUR: the batched search agrees with its serial scorer, and the restart logic is the paper's.
+"""F-SOUR: the batched search agrees with its serial scorer, the restart logic is the paper's, and
+restarts of several prompts answered in one batch are answered as each alone.
 
 Both scorers run under one loop here; the independent check (a reference loop sharing no code
 with core/fsour.py, with exact ties) is tests/test_fsour_reference.py."""
@@ -10,13 +11,17 @@ import pytest
 import torch
 
 from core.configs import save_tiny_model
-from core.fsour import (FsourParams, _encode, _joint_logprob, draw_candidates, fsour_restart, fsour_search,
-                        select_restart)
+from core.datasets import PromptRecord
+from core.chat import judged_answers
+from core.fsour import (METHOD, SEARCH_FIELDS, FsourParams, _encode, _joint_logprob, answer_searches, draw_candidates,
+                        fsour_answers, fsour_search, search_row, select_restart)
+from core.method import WorkUnit, prompt_dicts
 from core.judges import Verdict
 from core.models import load_model
 from core.routing import Route
 
 PROMPT, TARGET = "w10 w11 w12", "w20 w21 w22"
+LONGER = "w13 w14 w15 w16 w17 w18"
 
 
 @pytest.fixture(scope="module", params=["mixtral", "deepseek_v2", "qwen2_moe"])
@@ -103,4 +108,78 @@ def test_bad_parameters_and_missing_target_are_named(tiny):
     with pytest.raises(ValueError, match="fsour.restarts"):
         FsourParams(restarts=-1)
     with pytest.raises(ValueError, match="has no target"):
-        fsour_restart(tiny, _Item(target=None), 0, _JudgeSaysJailbrokenOnCall(99), FsourParams(candidates=2))
+        search_row(tiny, _Item(target=None), 0, FsourParams(candidates=2))
+
+
+# ---- answers of several searches in one batch --------------------------------------------------
+
+class _AlwaysRefused:
+    name = "scripted"
+
+    def judge(self, prompts, answers):
+        return [Verdict(self.name, False, 0.0) for _ in prompts]
+
+
+ANSWER_PARAMS = FsourParams(candidates=6, threshold=0.999, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def searched(tiny):
+    """Two prompts of different lengths (so the batch is left-padded), two restarts of the first:
+    (items, fsour_searches rows), each search with a route."""
+    first, second = PromptRecord("p0", PROMPT, TARGET, None, "toy"), PromptRecord("p1", LONGER, TARGET, None, "toy")
+    items = [first, second, first]
+    searches = [search_row(tiny, item, restart, ANSWER_PARAMS) for item, restart in zip(items, (0, 0, 1))]
+    assert all(s["route"] for s in searches) and searches[0]["route"] != searches[2]["route"]
+    return items, searches
+
+
+def test_searches_answered_in_one_batch_are_answered_as_each_alone(tiny, searched):
+    """Greedy answers under per-row routes in one left-padded batch equal each row answered alone
+    (float64), with the same experts forced off the router's own choice (so each route acts on its
+    own row), and alone equals the route applied as the search found it (its masks over the prompt)."""
+    items, searches = searched
+    judge = _AlwaysRefused()
+    batched = answer_searches(tiny, items, searches, judge, ANSWER_PARAMS, batch_size=3)
+    alone = [answer_searches(tiny, [item], [search], judge, ANSWER_PARAMS, batch_size=1)
+             for item, search in zip(items, searches)]
+    assert batched.answers == [a.answers[0] for a in alone]
+    assert batched.off_natural.tolist() == [int(a.off_natural[0]) for a in alone]
+    assert batched.decisions.tolist() == [int(a.decisions[0]) for a in alone]
+    assert batched.off_natural.sum() > 0, "the routes force experts the router would not choose"
+    run = fsour_search(tiny, PROMPT, TARGET, 1, ANSWER_PARAMS)
+    assert run.route == searches[2]["route"]
+    as_found, _ = judged_answers(tiny, [items[2]], Route(masks=run.masks, scope="prompt"), judge,
+                                 ANSWER_PARAMS.max_new_tokens, 1)
+    assert as_found == alone[2].answers
+    rows, gens = fsour_answers(tiny, items, searches, judge, ANSWER_PARAMS)
+    assert [g["answer"] for g in gens] == batched.answers
+    # the rows: one per search, as the unit of one search and one answer wrote them before
+    assert [(r["prompt_id"], r["restart"], r["route"]) for r in rows] == \
+        [(i.id, s["restart"], s["route"]) for i, s in zip(items, searches)]
+    assert [g["condition"] for g in gens] == ["restart=0", "restart=0", "restart=1"]
+    for row, search in zip(rows, searches):
+        assert row["search_seconds"] == search["seconds"] < row["seconds"]
+        assert (row["joint_logprob"], row["forwards"], row["prompt_tokens"]) == \
+            (search["joint_logprob"], search["forwards"], search["prompt_tokens"])
+
+
+def test_an_answer_unit_generates_its_searches_in_one_batch(tiny, searched, monkeypatch):
+    """The answer unit runs one generate call holding all three rows, not one per search."""
+    items, searches = searched
+    calls = []
+    generate = tiny.model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "generate", counted)
+    unit = WorkUnit("u", "m", "fsour", "fsour_answer",
+                    {"prompts": prompt_dicts(items), "searches": [{k: s[k] for k in SEARCH_FIELDS} for s in searches],
+                     "timings": [s["seconds"] for s in searches]})
+    out = METHOD.kind("fsour_answer").run(unit, tiny, _AlwaysRefused(), ANSWER_PARAMS)
+    assert len(calls) == 1 and calls[0][0] == 3
+    assert [(r["prompt_id"], r["restart"]) for r in out["fsour_routes"]] == [("p0", 0), ("p1", 0), ("p0", 1)]
+    assert len(out["generations"]) == 3
+    assert [r["search_seconds"] for r in out["fsour_routes"]] == [s["seconds"] for s in searches]

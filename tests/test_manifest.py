@@ -68,10 +68,20 @@ def test_run_id_follows_content_not_formatting(tmp_path):
     assert manifest_hash(load_manifest("run_id: other\nout: s3://b/p\n" + GOOD)) == manifest_hash(manifest)
 
 
-def test_to_yaml_round_trips():
-    manifest = load_manifest(GOOD)
+@pytest.mark.parametrize("model", ["dtype: float32", "dtype: float32, shards: 2, transport: compiled"])
+def test_to_yaml_round_trips(model):
+    manifest = load_manifest(edited("dtype: float32", model))
     again = load_manifest(manifest.to_yaml())
     assert again == manifest and manifest_hash(again) == manifest_hash(manifest)
+
+
+def test_a_sharded_model_picks_its_transport():
+    default = load_manifest(edited("dtype: float32", "shards: 2"))
+    assert default.models[0].transport is None  # plain actor calls
+    # a manifest that does not set it is stored, and hashed, as before the field existed
+    assert "transport" not in default.to_yaml()
+    compiled = load_manifest(edited("dtype: float32", "shards: 2, transport: compiled"))
+    assert compiled.models[0].transport == "compiled" and "transport: compiled" in compiled.to_yaml()
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -98,6 +108,13 @@ def test_to_yaml_round_trips():
     (edited("dtype: float32", "replicas: '2'"), r"^models\[0\].replicas: '2' is not allowed: input should be a valid integer"),
     (edited("dtype: float32", "replicas: 0"), r"^models\[0\].replicas: 0 is not allowed: input should be greater than 0"),
     (edited("dtype: float32", "num_gpus: -1"), r"^models\[0\].num_gpus: -1 is not allowed"),
+    # a transport is how a sharded replica's stages talk: named, and only with shards
+    (edited("dtype: float32", "shards: 2, transport: grpc"),
+     r"^models\[0\].transport: 'grpc' is not one of actors, compiled: actors \(plain Ray actor calls, the default\)"),
+    (edited("dtype: float32", "transport: compiled"),
+     r"^models\[0\].transport: 'compiled' is not allowed: .* this model is not sharded: set `shards: 2` or more, "
+     r"or drop `transport`"),
+    (edited("dtype: float32", "shards: 1, transport: actors"), r"^models\[0\].transport: 'actors' is not allowed: "),
     (edited("name: sandbox,", "name: Qwen/x,"),
      r"^models\[0\].name: 'Qwen/x' is not allowed: cannot name result directories: .* \(e.g. 'Qwen--x'\)"),
     (edited("candidates: 10", "candidates: abc"),
@@ -270,6 +287,19 @@ def test_check_names_the_model_dataset_and_field(world, tmp_path, models, datase
         text += f"  - {methods}\n"
     found = checked(text, str(tmp_path / "out"))
     assert any(re.search(expected, line) for line in found), found
+
+
+def test_only_the_roles_a_method_optimises_towards_need_targets(world, tmp_path):
+    """route_monitor attacks its harmful prompts towards their targets; its benign prompts are only answered."""
+    text = GOOD.replace("datasets:\n", f"datasets:\n  plain: {{source: {world}/no-target.csv}}\n", 1)
+    benign_plain = text + "  - {method: route_monitor, datasets: {harmful: harmful, benign: plain}}\n"
+    assert checked(benign_plain, str(tmp_path / "out")) == []
+    harmful_plain = text + "  - {method: route_monitor, datasets: {harmful: plain, benign: benign}}\n"
+    found = checked(harmful_plain, str(tmp_path / "out"))
+    assert len(found) == 1 and re.match(
+        r"^methods\[4\].datasets.harmful: route_monitor needs a target reply for every harmful prompt, but dataset "
+        r"'plain' has 1 without one \(e.g. 'no-target-0000'\): map its target column in datasets.plain.columns.target$",
+        found[0]), found
 
 
 def test_check_refuses_an_unwritable_output_root(world):

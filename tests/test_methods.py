@@ -202,10 +202,11 @@ def test_safex_validates_before_after_and_each_random_draw():
 PROMPTS = [PromptRecord(f"p{i}", f"w{i}", "t", None, "harm") for i in range(3)]
 
 
-def fsour_context(stored: list, prompts_per_unit: int = 8) -> PlanContext:
+def fsour_context(stored: list, prompts_per_unit: int = 8, searches: list | None = None) -> PlanContext:
+    tables = {"fsour_routes": stored, "fsour_searches": searches if searches is not None else []}
     return PlanContext({"name": "m", "num_experts": 8}, "fsour", FsourParams(restarts=3), ("a", "b"),
                        {"dataset": PROMPTS}, {"dataset": "harm"}, prompts_per_unit, 50, 4,
-                       lambda table: list(stored) if table == "fsour_routes" else [])
+                       lambda table: list(tables.get(table, [])))
 
 
 def run_plan(ctx: PlanContext, after_stage) -> list[list]:
@@ -218,23 +219,63 @@ def run_plan(ctx: PlanContext, after_stage) -> list[list]:
     return stages
 
 
+def searched(prompt: str, restart: int, unit_id: str = "u") -> dict:
+    """An fsour_searches row as the store returns it (the search unit's own columns and the key)."""
+    return {"unit_id": unit_id, "prompt_id": prompt, "dataset": "harm", "restart": restart,
+            "route": [{"layer": 0, "token": restart, "experts": [1, 2]}], "joint_logprob": -1.0 - restart,
+            "forwards": 10, "candidates": 100, "seconds": 0.5, "prompt_tokens": 4, "natural_pool": None,
+            "scope": "prompt", "params": FsourParams(restarts=3).to_json()}
+
+
 def test_fsour_restarts_only_what_the_deciding_judge_left_unjailbroken():
-    stored = []
+    """Pre-check: p0 jailbroken, p1 not, p2 undecided (searched too). Restart 0 searched for p1, p2,
+    answered in one unit; it jailbreaks p1 only, so restarts 1 and 2 are searched for p2 alone and
+    answered together. Each answer unit carries its searches' routes, read back from the store (a
+    search stored twice, by another entry's unit, counts once)."""
+    stored, searches = [], []
 
     def store(stage, units):  # the deciding judge: p0 jailbroken at once, p1 at restart 0, p2 never
         if stage == 1:
             stored.extend({"prompt_id": p, "dataset": "harm", "restart": -1, "jailbroken": j}
                           for p, j in (("p0", True), ("p1", False), ("p2", None)))
-        if stage == 2:
+        if stage in (2, 4):
+            searches.extend(searched(u.payload["prompts"][0]["id"], u.payload["restart"]) for u in units)
+            searches.append(searched(units[0].payload["prompts"][0]["id"], units[0].payload["restart"], "v"))
+            searches.append({**searched("p2", 0), "dataset": "other"})  # another dataset's search: not this one's
+        if stage == 3:
             stored.extend({"prompt_id": p, "dataset": "harm", "restart": 0, "jailbroken": j}
                           for p, j in (("p1", True), ("p2", False)))
 
-    stages = run_plan(fsour_context(stored), store)
-    assert [[u.kind for u in s] for s in stages] == [["fsour_precheck"], ["fsour_restart"] * 2,
-                                                     ["fsour_restart"] * 2, ["fsour_metrics"]]
+    stages = run_plan(fsour_context(stored, searches=searches), store)
+    assert [[u.kind for u in s] for s in stages] == [["fsour_precheck"], ["fsour_search"] * 2, ["fsour_answer"],
+                                                     ["fsour_search"] * 2, ["fsour_answer"], ["fsour_metrics"]]
     assert [(u.payload["prompts"][0]["id"], u.payload["restart"]) for u in stages[1]] == [("p1", 0), ("p2", 0)]
-    assert [(u.payload["prompts"][0]["id"], u.payload["restart"]) for u in stages[2]] == [("p2", 1), ("p2", 2)]
+    assert [(u.payload["prompts"][0]["id"], u.payload["restart"]) for u in stages[3]] == [("p2", 1), ("p2", 2)]
+    for stage, expected in ((2, [("p1", 0), ("p2", 0)]), (4, [("p2", 1), ("p2", 2)])):
+        [answer] = stages[stage]
+        rows = [(p["id"], s["restart"]) for p, s in zip(answer.payload["prompts"], answer.payload["searches"])]
+        assert rows == expected
+        assert [s["route"] for s in answer.payload["searches"]] == [searched(*row)["route"] for row in expected]
+        assert set(answer.payload["searches"][0]) == {"restart", "route", "joint_logprob", "forwards", "candidates",
+                                                       "prompt_tokens"}
+        assert answer.payload["timings"] == [0.5, 0.5]  # each search's seconds, copied into its fsour_routes row
+    # a search's wall time differs between two runs of it; the answer unit is the same unit
+    retimed = run_plan(fsour_context(stored, searches=[{**s, "seconds": 9.0} for s in searches]), lambda *_: None)
+    assert [u.unit_id for s in retimed for u in s] == [u.unit_id for s in stages for u in s]
+    assert retimed[2][0].payload["timings"] == [9.0, 9.0]
     assert all(u.payload["judges"] == ["a", "b"] for s in stages for u in s)
+
+
+def test_fsour_answer_units_take_prompts_per_unit_searches():
+    """Three prompts left unjailbroken by the pre-check, two per unit: restart 0's three searches in
+    two answer units; none jailbroken, so restarts 1, 2 of all three: six searches, three units."""
+    stored = [{"prompt_id": p.id, "dataset": "harm", "restart": r, "jailbroken": False}
+              for p in PROMPTS for r in (-1, 0)]
+    searches = [searched(p.id, r) for p in PROMPTS for r in range(3)]
+    stages = run_plan(fsour_context(stored, prompts_per_unit=2, searches=searches), lambda *_: None)
+    assert [len(s) for s in stages] == [2, 3, 2, 6, 3, 1]
+    assert [[(p["id"], s["restart"]) for p, s in zip(u.payload["prompts"], u.payload["searches"])]
+            for u in stages[4]] == [[("p0", 1), ("p0", 2)], [("p1", 1), ("p1", 2)], [("p2", 1), ("p2", 2)]]
 
 
 def test_a_derived_units_id_changes_with_the_units_it_derives_from():

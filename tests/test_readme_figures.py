@@ -1,7 +1,9 @@
 """benchmarks/readme_figures.py rewrites the README's marked block from a quickstart run's tables."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -104,3 +106,26 @@ def test_a_root_without_the_run_or_a_readme_without_markers_is_refused(tmp_path,
     bare.write_text("# no markers\n")
     assert figures.main(["--out", quickstart_root, "--readme", str(bare)]) == 2
     assert "needs exactly one block between" in capsys.readouterr().err and bare.read_text() == "# no markers\n"
+
+
+@pytest.mark.slow
+def test_the_sandbox_block_names_the_weights_and_the_machine_of_its_rates(tmp_path, sandbox_dir, monkeypatch):
+    """benchmarks/sandbox_figures.py: the rates of the cached build, with its weights' sha256 and the CPU
+    (another CPU's float kernels train another model), through the same command line as the run blocks."""
+    spec = importlib.util.spec_from_file_location("sandbox_figures", REPO / "benchmarks" / "sandbox_figures.py")
+    sandbox_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sandbox_figures)
+    monkeypatch.setenv("MOESAFE_CACHE", str(sandbox_dir.parents[1]))  # the cached build, as `make figures` finds it
+    path = tmp_path / "README.md"
+    path.write_text(f"before\n{sandbox_figures.BEGIN}\n| 0.47 typed by hand |\n{sandbox_figures.END}\nafter\n")
+    assert sandbox_figures.main(["--readme", str(path)]) == 0
+    text = path.read_text()
+    assert text.startswith("before\n" + sandbox_figures.BEGIN) and text.endswith(sandbox_figures.END + "\nafter\n")
+    assert "typed by hand" not in text
+    weights = hashlib.sha256((sandbox_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert f"sha256 `{weights[:12]}`" in text and f"cache key `{sandbox_dir.name}`" in text
+    assert re.search(r"\| refusal, harmful \(regular wordings\) \| [01]\.\d\d \(n = 66\) \|", text)
+    assert len(re.findall(r"\| … wording “[^”]*\{task\}[^”]*” \| [01]\.\d\d \|", text)) == 3
+    assert re.search(r"torch CPU kernels \w+", text) and "at commit " in text
+    if Path("/proc/cpuinfo").exists():  # Linux names the CPU's SIMD flags
+        assert re.search(r"avx512f (yes|no)", text)

@@ -114,7 +114,7 @@ def test_models_show_the_revision_of_the_manifest_or_of_a_revision_column():
 
 
 def _unit(unit_id, status="ok", attempts=1, seconds=10.0, end=20, model="m1", **extra):
-    return {"run_id": "r1", "model": model, "unit_id": unit_id, "method": "fsour", "kind": "fsour_restart",
+    return {"run_id": "r1", "model": model, "unit_id": unit_id, "method": "fsour", "kind": "fsour_search",
             "status": status, "attempts": attempts, "seconds": seconds, "error": None,
             "finished_at": T0 + timedelta(seconds=end), **extra}
 

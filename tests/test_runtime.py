@@ -64,7 +64,7 @@ def _table_rows(root, name, run_id):
                   for r in ResultStore(root).read_table(name, run_id=run_id).drop_columns(["unit_id"]).to_pylist())
 
 
-RESULT_TABLES = ("fsour_routes", "rosais_scores", "rosais_attack", "safex_counts", "safex_experts",
+RESULT_TABLES = ("fsour_routes", "fsour_searches", "rosais_scores", "rosais_attack", "safex_counts", "safex_experts",
                  "safex_validation", "steer_counts", "steer_experts", "generations", "metrics")
 
 
@@ -90,8 +90,8 @@ def test_small_quickstart_runs_end_to_end_and_answers_queries(quickstart):
         assert ResultStore(out).read_table(table, run_id="t1").num_rows > 0, table
     units = json.loads(run_query("select kind, status from units where run_id = 't1'", out, "json"))
     assert {u["status"] for u in units} == {"ok"}
-    assert {"fsour_precheck", "rosais_scores", "rosais_attack", "safex_counts", "safex_bootstrap",
-            "safex_validation", "steer_counts", "steer_rank"} <= {u["kind"] for u in units}
+    assert {"fsour_precheck", "fsour_search", "fsour_answer", "rosais_scores", "rosais_attack", "safex_counts",
+            "safex_bootstrap", "safex_validation", "steer_counts", "steer_rank"} <= {u["kind"] for u in units}
     runs = ResultStore(out).read_table("runs", run_id="t1").to_pylist()
     assert runs[0]["status"] == "finished" and runs[0]["ended_at"] is not None
 

@@ -23,7 +23,7 @@ from core.store import ResultStore
 from jobs.runner import run_manifest
 from tests.test_runtime import _manifest
 
-TIMINGS = {"unit_id", "run_id", "seconds"}  # what differs between two runs of one manifest
+TIMINGS = {"unit_id", "run_id", "seconds", "search_seconds"}  # what differs between two runs of one manifest
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,42 @@ def test_pipelined_micro_batches_equal_the_unsharded_model(ray_cluster, tmp_path
         compiled.close()
 
 
+def _graph_monitors() -> list[threading.Thread]:
+    """The threads by which Ray watches this process's compiled graphs (one per graph until it is torn down)."""
+    return [t for t in threading.enumerate() if t.name == "CompiledGraphMonitorThread"]
+
+
+def test_a_compiled_replica_whose_shard_died_is_rebuilt_and_closes_cleanly(ray_cluster, tmp_path):
+    path = str(save_tiny_model("mixtral", tmp_path / "m"))
+    stages = CompiledStages(lambda: start_shards({"shards": 2, "dtype": "float64", "num_cpus": 1}, path), in_flight=2)
+    try:
+        lm = sharded_loaded_model(path, stages)
+        ids = torch.randint(7, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+        want = lm.model(ids).logits
+        old = list(stages.actors)
+        os.kill(ray.get(old[1].pid.remote()), signal.SIGKILL)
+        # Ray notices the death and tears the graph down: its channels closed, the next message
+        # cannot even be sent; that error means a lost shard, as an actor error does for plain calls
+        deadline = time.time() + 120
+        while _graph_monitors() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _graph_monitors(), "Ray did not tear the graph down after its shard died"
+        with pytest.raises(ray.exceptions.RayChannelError) as lost:
+            lm.model(ids)
+        assert isinstance(lost.value, stages.lost)
+        stages.rebuild()  # the graph compiled anew over two new shard actors
+        assert not set(stages.actors) & set(old)
+        assert torch.equal(lm.model(ids).logits, want)
+        assert len(_graph_monitors()) == 1
+    finally:
+        stages.close()
+    # closed: the graph torn down here (no monitor thread left) and its actors stopped
+    assert not _graph_monitors()
+    for actor in stages.actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.pid.remote(), timeout=60)
+
+
 def _tables(out, run_id):
     """Every result table of the run and its `units` (one row per committed unit: a unit done twice
     or lost shows), as sorted rows without the timings."""
@@ -98,6 +134,15 @@ def _my_shard_processes() -> list[int]:
                 mine.add(pid)
                 found = True
     return sorted(pid for pid in mine if "ShardWorker" in title.get(pid, ""))
+
+
+def _shard_tasks_since(start: float) -> set[str]:
+    """The methods of the ShardWorker tasks this Ray ran since `start` (epoch seconds), from its task
+    events: `run` for each stage of a forward by plain actor calls, `__ray_call__` for a compiled
+    graph's loops (its forwards run inside them)."""
+    prefix = "task::ShardWorker."
+    return {e["cat"].removeprefix(prefix) for e in ray.timeline()
+            if e.get("cat", "").startswith(prefix) and e["ts"] >= start * 1e6}
 
 
 def _kill_a_shard_once(out, run_id):
@@ -127,14 +172,35 @@ def _kill_a_shard_once(out, run_id):
     return thread, killed
 
 
-def test_sharded_quickstart_gives_the_same_tables_even_when_a_shard_dies(ray_cluster, tmp_path):
-    out = str(tmp_path / "out")
-    assert run_manifest(_manifest(tmp_path, run_id="one"), out=out, progress=False).complete
-    models = "  - {name: sandbox, path: sandbox, dtype: float32, shards: 2}"
-    thread, killed = _kill_a_shard_once(out, "two")
+@pytest.fixture(scope="module")
+def undisturbed(ray_cluster, tmp_path_factory):
+    """The reduced quickstart, unsharded, run once as run "one": the result root every sharded run
+    of these tests writes to as well, and whose tables they must give."""
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    out = str(tmp / "out")
+    assert run_manifest(_manifest(tmp, run_id="one"), out=out, progress=False).complete
+    return tmp, out
+
+
+@pytest.mark.parametrize("transport", ["actors", "compiled"])
+def test_sharded_quickstart_gives_the_same_tables_even_when_a_shard_dies(undisturbed, transport):
+    tmp, out = undisturbed
+    run_id = f"two-{transport}"
+    models = f"  - {{name: sandbox, path: sandbox, dtype: float32, shards: 2, transport: {transport}}}"
+    thread, killed = _kill_a_shard_once(out, run_id)
+    start = time.time()
     # reuse=False: the sharded replica's units have the same content as run one's, so they would be copied
-    summary = run_manifest(_manifest(tmp_path, run_id="two", models=models), out=out, progress=False, reuse=False)
+    summary = run_manifest(_manifest(tmp, run_id=run_id, models=models), out=out, progress=False, reuse=False)
     thread.join()
     assert killed, "the test should have killed a shard mid-run"
     assert summary.complete and summary.units_failed == 0
-    assert _tables(out, "two") == _tables(out, "one")
+    assert _tables(out, run_id) == _tables(out, "one")
+    units = ResultStore(out).read_table("units", run_id=run_id).column("unit_id").to_pylist()
+    assert len(units) == len(set(units)), "a unit committed twice"
+    tasks = _shard_tasks_since(start)  # the transport the manifest asked for is the one that ran
+    assert ("run" in tasks, "__ray_call__" in tasks) == (transport == "actors", transport == "compiled"), tasks
+    # the replica was released with the run: its shard actors (and a compiled graph's loops on them) gone
+    deadline = time.time() + 60
+    while _my_shard_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _my_shard_processes()

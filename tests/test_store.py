@@ -59,8 +59,16 @@ SAMPLE_ROWS: dict[str, list[dict]] = {
              scope="prompt", params={"n": 100, "restarts": 5}),
         dict(prompt_id="adv-1", dataset="advbench", restart=0,
              route=[{"layer": 0, "token": 3, "experts": [1, 2]}, {"layer": 1, "token": 3, "experts": [0, 7]}],
-             joint_logprob=-0.2, forwards=101, candidates=100, seconds=2.5, jailbroken=True, score=1.0,
-             judge="refusal", scope="prompt", params={"n": 100, "restarts": 5}),
+             joint_logprob=-0.2, forwards=101, candidates=100, seconds=2.5, search_seconds=2.25, jailbroken=True,
+             score=1.0, judge="refusal", scope="prompt", params={"n": 100, "restarts": 5}),
+    ],
+    "fsour_searches": [
+        dict(prompt_id="adv-1", dataset="advbench", restart=0,
+             route=[{"layer": 0, "token": 3, "experts": [1, 2]}, {"layer": 1, "token": 3, "experts": [0, 7]}],
+             joint_logprob=-0.2, forwards=101, candidates=100, seconds=2.25, prompt_tokens=12, natural_pool=None,
+             scope="prompt", params={"n": 100, "restarts": 5}),
+        dict(prompt_id="adv-1", dataset="advbench", restart=1, route=[], joint_logprob=-0.1, forwards=1,
+             candidates=0, seconds=0.01, prompt_tokens=12, natural_pool=4, scope="prompt", params={"fpr": 0.01}),
     ],
     "fsour_transfer": [
         dict(src=None, dst="adv-2", dataset="advbench", alignment=None, control="none", same_category=None, slots=0,
