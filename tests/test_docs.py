@@ -27,6 +27,13 @@ def test_every_column_of_every_table_is_explained():
         assert not missing, f"docs/METHODS.md does not explain {name}.{', '.join(missing)}"
 
 
+def test_the_judges_table_has_every_judge_type():
+    from core.judges import JUDGES
+
+    section = METHODS.split("## Judges")[1].split("\n## ")[0]
+    assert re.findall(r"^\| `(\w+)` \|", section, re.M) == list(JUDGES)
+
+
 def _documented_columns() -> dict[str, set[str]]:
     """table -> the columns docs/METHODS.md's "Result tables" gives it: its own rows, and the shared
     columns whose "tables" cell names it ("every table", "every table but `a`, `b`", or a list)."""
