@@ -158,10 +158,20 @@ def run_summaries(run_rows: Rows) -> list[dict]:
         versions = json.loads(versions) if isinstance(versions, str) else (versions or {})
         manifest = parse_manifest(r.get("manifest"))
         out.append({"run_id": r["run_id"], "status": r["status"], "started_at": r["started_at"], "ended_at": ended,
-                    "seconds": (ended - r["started_at"]).total_seconds() if ended else None,
+                    "seconds": _driver_seconds(r),
                     "versions": versions,
                     "models": [m.get("name") for m in manifest.get("models") or [] if isinstance(m, Mapping)]})
     return out
+
+
+def _driver_seconds(run: Mapping[str, Any]) -> float | None:
+    """How long the run's drivers ran: each attempt's (a first start, then every resume, even one
+    that found nothing to do) from its start to its end, without the hours between attempts that
+    `ended_at - started_at` would count. None while an attempt runs."""
+    attempts = run.get("attempts") or [{"started_at": run["started_at"], "ended_at": run.get("ended_at")}]
+    if any(a["ended_at"] is None for a in attempts):
+        return None
+    return sum((a["ended_at"] - a["started_at"]).total_seconds() for a in attempts)
 
 
 def model_summaries(run_rows: Rows, *tables: Rows) -> list[dict]:

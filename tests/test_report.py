@@ -107,6 +107,18 @@ def test_asr_table_pairs_each_methods_headline_with_its_baseline_per_judge():
                        ("safex", "refusal", None, "refusal_before", None)]
 
 
+def test_a_runs_time_is_its_attempts_without_the_gaps_between_them():
+    def attempt(start, end):
+        return {"started_at": T0 + timedelta(seconds=start), "ended_at": end and T0 + timedelta(seconds=end),
+                "status": "finished", "host": "h", "pid": 1}
+
+    resumed = _run(ended_at=T0 + timedelta(hours=5), attempts=[attempt(0, 60), attempt(5 * 3600 - 30, 5 * 3600)])
+    running = _run("r2", ended_at=None, attempts=[attempt(0, 60), attempt(100, None)])
+    before_attempts = _run("r3")  # a runs row of schema version 1: ended_at - started_at
+    seconds = {r["run_id"]: r["seconds"] for r in numbers.run_summaries([resumed, running, before_attempts])}
+    assert seconds == {"r1": 90, "r2": None, "r3": 90}
+
+
 def test_models_show_the_revision_of_the_manifest_or_of_a_revision_column():
     models = numbers.model_summaries([_run()], [_metric("asr", 1.0, 1, model="m2", revision="r-from-column")])
     assert [(m["model"], m["path"], m["revision"]) for m in models] == [
