@@ -321,7 +321,7 @@ def _row(item: PromptLike, restart: int, verdict, params: FsourParams, search: M
 
 
 def fsour_precheck(lm: LoadedModel, items: Sequence[PromptLike], judge, params: FsourParams = FsourParams()):
-    """Unrouted answers (restart -1, iterations 0), batched: a prompt already jailbroken needs no search.
+    """Unrouted answers (restart -1, forwards 0), batched: a prompt already jailbroken needs no search.
     Returns (fsour_routes rows, generation rows); the first judge of a panel decides `jailbroken`."""
     start = time.perf_counter()
     answers, verdicts = judged_answers(lm, items, None, judge, params.max_new_tokens, len(items))

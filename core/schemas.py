@@ -190,7 +190,7 @@ _ALL = [
     _method_table("fsour_routes", 3, "F-SOUR one row per prompt x restart", [
         _col("prompt_id", pa.string()),
         _col("dataset", pa.string()),
-        _col("restart", pa.int32()),              # 0..R-1; -1 = the unrouted pre-check (iterations = 0)
+        _col("restart", pa.int32()),              # 0..R-1; -1 = the unrouted pre-check (forwards = 0, route empty)
         _col("route", pa.list_(_ROUTE_STEP)),
         _col("joint_logprob", pa.float64(), nullable=True),
         _col("forwards", pa.int64()),
