@@ -663,6 +663,9 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
         except RunError:  # a judge failed its check, or no node came: the run stops unfinished
             store.finish_run(run_id, "failed")
             raise
+        except KeyboardInterrupt:  # Ctrl-C: this attempt ends (not `running` forever); its units stay
+            store.finish_run(run_id, "interrupted")
+            raise
         if lease.lost:
             raise RunError(str(lease.lost))
         store.finish_run(run_id, "finished" if summary.complete else "incomplete")
