@@ -184,6 +184,7 @@ class ModelShard:
             others.append(f"{decoder}.embed_tokens.")
         slices, handles = _checkpoint_slices(local)
         mine = {name: tensor for name, tensor in slices.items() if not name.startswith(tuple(others))}
+        self.checkpoint_tensors = frozenset(mine)  # names of the checkpoint's tensors this shard reads
         if tied and self.last and not self.first:  # the LM head is the embedding matrix
             embed = next(n for n in mine if "embed_tokens" in n)
             mine["lm_head.weight"] = mine.pop(embed)
@@ -195,7 +196,6 @@ class ModelShard:
         finally:
             for handle in handles:
                 handle.__exit__(None, None, None)
-        self.checkpoint_tensors = len(mine)  # tensors read from the checkpoint
 
     def param_bytes(self) -> int:
         """Bytes of the parameters and buffers this shard holds."""

@@ -583,8 +583,9 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
     The result root (`out`, default manifest.out) must be writable; each model's config must load
     (hub ids need the network or a cached copy; s3:// prefixes need only their config.json) and
     be a supported MoE family; each dataset must load, with unique ids and, for the methods that
-    need one, a target per prompt; RoSais' `allowed` must fit each model's experts. Judges are
-    not contacted: their endpoints may be reachable only from the cluster."""
+    need one, a target per prompt; RoSais' `allowed` must fit each model's experts, and `shards`
+    its decoder layers. Judges are not contacted: their endpoints may be reachable only from the
+    cluster."""
     from core.families import UnsupportedModelError
     from core.models import ModelLoadError
 
@@ -597,9 +598,15 @@ def check_manifest(manifest: Manifest, out: str | None = None) -> None:
     experts: dict[str, tuple[int, int]] = {}  # model name -> (routed experts, top-k)
     for i, model in enumerate(manifest.models):
         try:
-            experts[model.name] = _experts(_model_config(model))
+            config = _model_config(model)
+            experts[model.name] = _experts(config)
         except (ModelLoadError, UnsupportedModelError, OSError, ValueError) as error:
             problems.append(f"models[{i}] ({model.name}): path {model.path!r}: {_first_paragraph(error)}")
+            continue
+        layers = config.get("num_hidden_layers")
+        if layers and model.shards > layers:  # found here, not by every shard actor failing to start
+            problems.append(f"models[{i}] ({model.name}): shards: {model.shards}, but the model has {layers} "
+                            "decoder layers and each shard holds at least one")
 
     prompts: dict[str, list[PromptRecord]] = {}
     for name, dataset in manifest.datasets.items():

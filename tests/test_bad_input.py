@@ -138,6 +138,14 @@ def test_model_routing_to_more_experts_than_it_has_is_refused(tmp_path):
         check_manifest(manifest, out=str(tmp_path / "out"))
 
 
+def test_more_shards_than_decoder_layers_is_refused(tmp_path):
+    """Before any actor starts: the sandbox has 4 decoder layers, so 4 shards are fine and 5 are not."""
+    text = SHORT.format(top_n=4).replace("dtype: float32", "dtype: float32, shards: SHARDS")
+    check_manifest(load_manifest(text.replace("SHARDS", "4")), out=str(tmp_path / "out"))
+    with pytest.raises(ManifestError, match=r"models\[0\] \(sandbox\): shards: 5, but the model has 4 decoder layers"):
+        check_manifest(load_manifest(text.replace("SHARDS", "5")), out=str(tmp_path / "out"))
+
+
 def test_a_run_with_fsour_rows_of_the_one_unit_per_restart_version_is_not_resumed(tmp_path):
     """fsour_routes v2 rows were written by units that searched and answered one restart each; this
     version's searches and batched answers are other units, so resuming would add a second row per

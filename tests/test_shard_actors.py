@@ -17,10 +17,11 @@ from actors.shard_worker import CompiledStages, RayStages, start_shards
 from core.configs import save_tiny_model
 from core.models import load_model
 from core.routing import Route
+from core.schemas import RESULT_TABLES
 from core.sharding import sharded_loaded_model
 from core.store import ResultStore
 from jobs.runner import run_manifest
-from tests.test_runtime import RESULT_TABLES, _manifest
+from tests.test_runtime import _manifest
 
 TIMINGS = {"unit_id", "run_id", "seconds", "search_seconds"}  # what differs between two runs of one manifest
 
@@ -108,9 +109,11 @@ def test_a_compiled_replica_whose_shard_died_is_rebuilt_and_closes_cleanly(ray_c
 
 
 def _tables(out, run_id):
-    store = ResultStore(out)
-    return {t: sorted(json.dumps({k: v for k, v in r.items() if k not in TIMINGS}, sort_keys=True, default=str)
-                      for r in store.read_table(t, run_id=run_id).to_pylist()) for t in RESULT_TABLES}
+    """Every result table of the run and its `units` (one row per committed unit: a unit done twice
+    or lost shows), as sorted rows without the timings."""
+    store, dropped = ResultStore(out), TIMINGS | {"finished_at"}  # and when each unit was committed
+    return {t: sorted(json.dumps({k: v for k, v in r.items() if k not in dropped}, sort_keys=True, default=str)
+                      for r in store.read_table(t, run_id=run_id).to_pylist()) for t in (*RESULT_TABLES, "units")}
 
 
 def _my_shard_processes() -> list[int]:
@@ -143,18 +146,24 @@ def _shard_tasks_since(start: float) -> set[str]:
 
 
 def _kill_a_shard_once(out, run_id):
-    """Kill one shard process (SIGKILL) once the run's first units have committed."""
+    """Kill one shard process (SIGKILL) once the run's first units have committed. `killed` gets
+    its pid once a shard process that was not there before the kill is up: the replica was rebuilt
+    mid-run, not merely lost after its last unit."""
     def kill():
         deadline = time.time() + 300
+        victim, before = None, set()
         while time.time() < deadline and not killed:
-            try:
-                done = ResultStore(out).read_table("units", run_id=run_id).num_rows
-            except Exception:  # no units table yet
-                done = 0
             shards = _my_shard_processes()
-            if done >= 3 and shards:
-                os.kill(shards[-1], signal.SIGKILL)
-                killed.append(shards[-1])
+            if victim is None:
+                try:
+                    done = ResultStore(out).read_table("units", run_id=run_id).num_rows
+                except Exception:  # no units table yet
+                    done = 0
+                if done >= 3 and shards:
+                    victim, before = shards[-1], set(shards)
+                    os.kill(victim, signal.SIGKILL)
+            elif set(shards) - before:
+                killed.append(victim)
             time.sleep(0.2)
 
     killed: list[int] = []

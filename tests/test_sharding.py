@@ -3,13 +3,17 @@ exactly the unsharded model's logits, answers, routes and recordings in float64,
 holds only its share of the weights."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import glob
+import itertools
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from transformers.cache_utils import DummyLayer
 
 from core.configs import TINY_FAMILIES, save_tiny_model
 from core.fsour import FsourParams, fsour_search
@@ -21,10 +25,15 @@ from core.sharding import ModelShard, layer_ranges, load_sharded
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=("sandbox", *TINY_FAMILIES))
 def tiny(request, tmp_path_factory):
-    """(family, path, unsharded model, {2: 2-shard model, 3: 3-shard model}), all float64."""
-    path = str(save_tiny_model(request.param, tmp_path_factory.mktemp(request.param)))
+    """(family, path, unsharded model, {2: 2-shard model, 3: 3-shard model}), all float64: the
+    sandbox model (trained, 4 layers, its LM head tied to the embeddings) and a tiny model of
+    every family."""
+    if request.param == "sandbox":
+        path = str(request.getfixturevalue("sandbox_dir"))
+    else:
+        path = str(save_tiny_model(request.param, tmp_path_factory.mktemp(request.param)))
     return (request.param, path, load_model(path, dtype="float64"),
             {s: load_sharded(path, s, dtype="float64") for s in (2, 3)})
 
@@ -41,40 +50,84 @@ def test_layer_ranges_are_contiguous_and_balanced():
 
 
 def test_logits_identical_and_memory_is_a_share(tiny):
+    """Each shard holds exactly the bytes of the unsharded model's tensors it owns: its layers (the
+    first also the embeddings, the last the final norm and LM head, a tied one as a copy of the
+    embeddings), plus the rotary frequencies every shard computes."""
     family, path, full, sharded = tiny
     ids = _ids(2, 9)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     with torch.no_grad():
         want = full.model(ids, attention_mask=mask).logits
-    full_bytes = sum(t.numel() * t.element_size() for t in [*full.model.parameters(), *full.model.buffers()])
-    for shards, lm in sharded.items():
-        assert torch.equal(lm.model(ids, attention_mask=mask).logits, want), f"{family} in {shards}"
-        held = [s.param_bytes() for s in lm.model.stages.shards]
-        assert max(held) < 0.75 * full_bytes, f"{family}: a shard of {shards} holds {held} of {full_bytes}"
-        # nothing held twice but the rotary frequencies, which every shard computes
-        rotary = sum(b.numel() * b.element_size() for b in full.model.get_decoder().rotary_emb.buffers())
-        assert sum(held) == full_bytes + (shards - 1) * rotary
+    tensors = dict(itertools.chain(full.model.named_parameters(), full.model.named_buffers()))  # tied: once
+    full_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    tied = full.model.config.tie_word_embeddings
+    for count, lm in sharded.items():
+        assert torch.equal(lm.model(ids, attention_mask=mask).logits, want), f"{family} in {count}"
+        shards = lm.model.stages.shards
+        share = [0] * count
+        for name, t in tensors.items():
+            for i in (range(count) if "rotary_emb" in name else _owner(name, shards, tied)):
+                share[i] += t.numel() * t.element_size()
+        held = [s.param_bytes() for s in shards]
+        assert held == share, f"{family} in {count}"
+        assert max(held) < 0.75 * full_bytes, f"{family}: a shard of {count} holds {held} of {full_bytes}"
+
+
+def _owner(name: str, shards: list[ModelShard], tied: bool) -> set[int]:
+    """Which shards should hold tensor `name` (of the checkpoint or the model): the one holding its
+    decoder layer; the first the embeddings (and the last too when the LM head is tied to them); the
+    last the final norm and the LM head."""
+    layer = re.search(r"\.layers\.(\d+)\.", name)
+    if layer:
+        return {s.index for s in shards if int(layer[1]) in s.layers}
+    if "embed_tokens" in name:
+        return {0, len(shards) - 1} if tied else {0}
+    assert re.search(r"(^lm_head|\.norm)\.", name), f"unexpected checkpoint tensor {name}"
+    return {len(shards) - 1}
 
 
 def test_shard_reads_only_its_tensors(tiny):
+    """Each checkpoint tensor is read by the shard that holds it and by no other."""
     family, path, _, sharded = tiny
-    shards = sharded[3].model.stages.shards
     from safetensors import safe_open
 
     names = set()
     for f in glob.glob(f"{path}/*.safetensors"):
         with safe_open(f, "pt") as h:
             names |= set(h.keys())
-    assert sum(s.checkpoint_tensors for s in shards) == len(names)
-    assert shards[1].model.get_decoder().embed_tokens is None
-    assert isinstance(shards[0].model.lm_head, torch.nn.Identity)
+    tied = sharded[2].model.config.tie_word_embeddings
+    for count, lm in sharded.items():
+        shards = lm.model.stages.shards
+        for name in names:
+            readers = {s.index for s in shards if name in s.checkpoint_tensors}
+            assert readers == _owner(name, shards, tied), f"{family} in {count}: {name} read by shards {readers}"
+        assert all(s.checkpoint_tensors <= names for s in shards)
+        assert shards[1].model.get_decoder().embed_tokens is None
+        assert isinstance(shards[0].model.lm_head, torch.nn.Identity)
 
 
-def test_greedy_answers_identical(tiny):
+def _caches_hold_own_layers(shard: ModelShard, run):
+    """`shard.run`, checking after each forward with a KV cache that the shard's cache has entries
+    for its own decoder layers only (the others are dummies that hold nothing)."""
+    def checked(msg):
+        out = run(msg)
+        if msg.cache is not None:
+            layers = shard._caches[msg.cache].layers
+            held = [i for i, layer in enumerate(layers) if not isinstance(layer, DummyLayer)]
+            assert held == list(shard.layers) and all(layers[i].keys is not None for i in held)
+        return out
+    return checked
+
+
+def test_greedy_answers_identical(tiny, monkeypatch):
     """Generation splits the rows into one micro-batch per stage, each with its rows of a per-row
-    route; rows and micro-batches that end early (EOS) are padded as transformers pads them."""
+    route; rows and micro-batches that end early (EOS) are padded as transformers pads them. Each
+    shard's KV cache holds its own layers."""
     family, _, full, sharded = tiny
+    for lm in sharded.values():
+        for shard in lm.model.stages.shards:
+            monkeypatch.setattr(shard, "run", _caches_hold_own_layers(shard, shard.run))
     c = full.control
     ids = _ids(3, 6, seed=3)
     mask = torch.ones_like(ids)
@@ -134,24 +187,57 @@ def test_route_control_identical_on_shards(tiny):
             assert torch.equal(rec.logits(layer), want_rec.logits(layer))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
-def test_fsour_and_rosais_identical_on_shards(family, tmp_path):
-    """F-SOUR's candidates expand at the shard owning the layer, RoSais's masks likewise: same results."""
-    path = str(save_tiny_model(family, tmp_path / family))
-    full = load_model(path, dtype="float64")
+@contextlib.contextmanager
+def _layer_inputs(lm):
+    """{decoder layer: [(rows, positions) of the hidden states entering it, per call]} while open,
+    after any expansion at that layer; over a sharded model, each shard's own layers."""
+    stages = getattr(lm.model, "stages", None)
+    held = ([(s.model.get_decoder().layers[i], i) for s in stages.shards for i in s.layers] if stages
+            else [(layer, i) for i, layer in enumerate(lm.model.get_decoder().layers)])
+    seen = collections.defaultdict(list)
+
+    def hook(index):
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, S, H)
+            seen[index].append(tuple(hidden.shape[:2]))
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for layer, i in held]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_fsour_and_rosais_identical_on_shards(tiny):
+    """F-SOUR's candidates expand at the shard owning the changed layer, RoSais's masks likewise:
+    the same routes and scores, and every decoder layer runs on the same rows and positions as on
+    the unsharded model (the layers before the expansion once on the prompt's rows, the positions
+    in the cached prefix not again)."""
+    family, _, full, sharded = tiny
+    words = full.tokenizer.decode  # token ids -> text (word-level tokenizers: one word per id)
     params = FsourParams(candidates=6, threshold=0.999)
-    prompt, target = "w10 w11 w12", "w20 w21 w22"
-    want = fsour_search(full, prompt, target, restart=1, params=params)
-    assert want.route, "the search should accept some candidates on a random model"
+    prompt, target = words([17, 18, 19]), words([27, 28, 29])
+    rosais = RosaisParams(s1=5, affirmative=(words([12]), words([13])))
 
     class P:
-        id, prompt, dataset = "p0", "w10 w11 w12 w13", "toy"
-    want_scores = rosais_scores(full, [P], params=RosaisParams(s1=5, affirmative=("w5", "w6")))
-    for shards in (2, 3):
-        lm = load_sharded(path, shards, dtype="float64")
-        got = fsour_search(lm, prompt, target, restart=1, params=params)
+        id, prompt, dataset = "p0", words([17, 18, 19, 20]), "toy"
+    with _layer_inputs(full) as want_inputs:
+        want = fsour_search(full, prompt, target, restart=1, params=params)
+        want_scores = rosais_scores(full, [P], params=rosais)
+    assert want.route, "the search should accept some candidates"
+    # not vacuous: some forward enters the first layer with fewer rows than the last (every forward
+    # runs every layer once, so their calls pair up)
+    last = max(want_inputs)
+    assert any(first < final for (first, _), (final, _) in zip(want_inputs[0], want_inputs[last], strict=True))
+    for shards, lm in sharded.items():
+        with _layer_inputs(lm) as inputs:
+            got = fsour_search(lm, prompt, target, restart=1, params=params)
+            scores = rosais_scores(lm, [P], params=rosais)
         assert (got.route, got.joint_logprob, got.forwards) == (want.route, want.joint_logprob, want.forwards)
-        assert rosais_scores(lm, [P], params=RosaisParams(s1=5, affirmative=("w5", "w6"))) == want_scores
+        assert scores == want_scores
+        assert inputs == want_inputs, f"{family} in {shards}"
 
 
 def test_shard_refuses_a_checkpoint_without_safetensors(tmp_path):
