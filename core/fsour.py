@@ -434,11 +434,8 @@ def searched_restarts(ctx: PlanContext, dataset: str, todo: Sequence[PromptLike]
             first = jailbroken_at(0)
             todo = [p for p in todo if p.id in first and not first[p.id]]
         yield [ctx.unit(search_kind, prompts=prompt_dicts([p]), restart=r) for r in restarts for p in todo]
-        # one row per (prompt, restart); were a search stored twice (two entries differing only in
-        # judges plan it each), the one of the lowest unit id
-        found = {(r["prompt_id"], r["restart"]): r
-                 for r in sorted(ctx.read("fsour_searches"), key=lambda r: r["unit_id"], reverse=True)
-                 if r["dataset"] == dataset}
+        # one row per (prompt, restart): ctx.read gives only this plan's searches
+        found = {(r["prompt_id"], r["restart"]): r for r in ctx.read("fsour_searches") if r["dataset"] == dataset}
         searched = [(p, found[p.id, r]) for p in todo for r in restarts if (p.id, r) in found]
         yield [ctx.unit(answer_kind, prompts=prompt_dicts([p for p, _ in chunk]),
                         searches=[{name: search[name] for name in SEARCH_FIELDS} for _, search in chunk],

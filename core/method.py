@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 Rows = dict[str, list[dict]]  # table -> rows, what a unit returns
-Read = Callable[[str], list[dict]]  # table -> this run's, model's and params' committed rows
+Read = Callable[[str], list[dict]]  # table -> this run's committed rows of the units this plan planned
 
 
 class PromptLike(Protocol):

@@ -99,7 +99,7 @@ _ALL = [
         _json_col("versions"),                    # {"moesafe", "torch", "transformers", "ray"}
         _col("started_at", _TS),
         _col("ended_at", _TS, nullable=True),
-        _col("status", pa.string()),              # running / finished / failed / ...
+        _col("status", pa.string()),              # running / finished / incomplete / failed / interrupted
         _col("attempts", pa.list_(_RUN_ATTEMPT), nullable=True),  # v2: each start, first to last
         _SCHEMA_VERSION,
     ]),

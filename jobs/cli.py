@@ -41,6 +41,7 @@ CODE_PACKAGES = ("core", "actors", "jobs")
 SUBMITTED_MANIFEST = "manifest.yaml"
 EXIT_INCOMPLETE = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (Ctrl-C)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
     except (CliError, StoreError) as error:
         print(f"moesafe {args.name}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through Ray's wait
+        resume = "; the units it finished are kept: run the same command again to resume" if args.name == "run" else ""
+        print(f"moesafe {args.name}: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_BAD_INPUT
 
 

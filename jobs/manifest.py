@@ -145,12 +145,14 @@ class ModelSpec(_Section):
             raise _problem(f"is not one of {', '.join(known)}", value=kernel)
         return kernel
 
-    @field_validator("transport")
+    # "before": a value of another type (1, true, a list) gets the choices too, not only "input
+    # should be a valid string"
+    @field_validator("transport", mode="before")
     @classmethod
-    def _known_transport(cls, transport: str | None) -> str | None:
+    def _known_transport(cls, transport: Any) -> str | None:
         from actors.shard_worker import TRANSPORTS  # imported when needed: it brings in Ray and torch
 
-        if transport is not None and transport not in TRANSPORTS:
+        if transport is not None and (not isinstance(transport, str) or transport not in TRANSPORTS):
             raise _problem(f"is not one of {', '.join(TRANSPORTS)}: actors (plain Ray actor calls, the default) "
                            "or compiled (a Ray Compiled Graph)", value=transport)
         return transport

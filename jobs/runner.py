@@ -289,8 +289,13 @@ class Scheduler:
         params_json = params.to_json()
 
         def read(table: str) -> list[dict]:
+            # Rows of the units this plan planned, not every row of these params: another entry of
+            # the method with other judges (or a method nesting its stages under its own judges)
+            # writes rows of the same prompts and params, which would decide this plan's next stage
+            # by whichever committed first and count each prompt twice in its metrics.
+            planned = set(ctx.upstream)
             rows = self.store.read_table(table, run_id=self.run_id, model=slug).to_pylist()
-            return [r for r in rows if r.get("params") == params_json]
+            return [r for r in rows if r.get("params") == params_json and r["unit_id"] in planned]
 
         def derive(other: str, other_params, other_roles) -> PlanContext:
             return self._context(key, slug, other, other_params, judge_names, dict(other_roles))
@@ -300,9 +305,10 @@ class Scheduler:
         # unit id names its whole content, so another run's unit of the same id can be reused.
         content = _digest({"prompts": {role: [dataclasses.asdict(p) for p in ps] for role, ps in prompts.items()},
                            "judges": [self.manifest.judges[name].model_dump() for name in judge_names]})
-        return PlanContext({**key, "content": content}, method, params, judge_names, prompts, roles,
-                           self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
-                           key["num_layers"], read, derive=derive)
+        ctx = PlanContext({**key, "content": content}, method, params, judge_names, prompts, roles,
+                          self.manifest.chunking.prompts_per_unit, self.manifest.chunking.rounds_per_unit,
+                          key["num_layers"], read, derive=derive)
+        return ctx
 
     def run(self) -> RunSummary:
         start = time.perf_counter()
@@ -656,6 +662,9 @@ def run_manifest(manifest, *, out: str | None = None, run_id: str | None = None,
             summary = scheduler.run()
         except RunError:  # a judge failed its check, or no node came: the run stops unfinished
             store.finish_run(run_id, "failed")
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: this attempt ends (not `running` forever); its units stay
+            store.finish_run(run_id, "interrupted")
             raise
         if lease.lost:
             raise RunError(str(lease.lost))

@@ -14,7 +14,7 @@ import yaml
 
 from core.families import FAMILIES
 from core.store import ResultStore
-from jobs.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, main
+from jobs.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO_ROOT / "manifests" / "quickstart.yaml"
@@ -316,3 +316,28 @@ def test_sandbox_json(capsys, sandbox_dir, monkeypatch):
     assert 0 <= report["refusal_rate_harmful"] <= 1
     # the weights' name: the same build on another CPU can be another model
     assert report["weights_sha256"] == hashlib.sha256((sandbox_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_run_interrupted_by_ctrl_c_says_so_records_it_and_can_be_resumed(capsys, tmp_path, monkeypatch, sandbox_dir):
+    """Ctrl-C during a run: one line and exit 130, not a traceback through Ray; the attempt is
+    recorded as interrupted (before: `running`, with no end, for good) and the lease is free."""
+    import jobs.runner
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.runner, "connect_ray", lambda address: None)  # nothing here needs Ray
+    monkeypatch.setattr(jobs.runner.Scheduler, "run", interrupted)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("run_id: cut\nmodels:\n  - {name: sandbox, path: sandbox, dtype: float32}\n"
+                        "datasets:\n  harmful: {source: sandbox, split: regular, limit: 2}\n"
+                        "methods:\n  - {method: steermoe, dataset: harmful, params: {top_n: 4, max_new_tokens: 8}}\n")
+    out = str(tmp_path / "results")
+    code, _, err = moesafe(capsys, "run", str(manifest), "--out", out)
+    assert code == EXIT_INTERRUPTED
+    assert ("moesafe run: interrupted; the units it finished are kept: run the same command again to resume\n"
+            in err) and "Traceback" not in err
+    [run] = ResultStore(out).read_table("runs", run_id="cut").to_pylist()
+    assert run["status"] == "interrupted" and run["ended_at"] is not None
+    assert [(a["status"], a["ended_at"] is not None) for a in run["attempts"]] == [("interrupted", True)]
+    ResultStore(out).acquire_run("cut").release()  # the next attempt may start at once

@@ -412,3 +412,49 @@ def test_a_lease_of_a_killed_driver_on_this_host_is_taken_over_at_once(tmp_path)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     ResultStore(root).acquire_run("nightly").release()  # well before its 60 s expiry
+
+
+# -- entries that share params read only their own rows ------------------------------------------
+
+TWO_JUDGINGS = """
+run_id: judged-twice
+models:
+  - {name: sandbox, path: sandbox, dtype: float32}
+datasets:
+  harmful: {source: sandbox, split: regular, limit: 3}
+judges:
+  sandbox: {type: sandbox}
+  refusal: {type: refusal}
+methods:
+  - {method: fsour, dataset: harmful, judges: [refusal], params: {candidates: 2, restarts: 2, max_new_tokens: 8}}
+  - {method: fsour, dataset: harmful, judges: [sandbox], params: {candidates: 2, restarts: 2, max_new_tokens: 8}}
+"""
+
+
+def test_two_entries_differing_only_in_judges_plan_from_their_own_verdicts(tmp_path, sandbox_dir):
+    """Two F-SOUR entries of one dataset and params, judged by other judges, write pre-check rows of
+    the same prompts and params. Each plan must go on from its own judge's verdicts: before, both
+    read every row of the params, so one entry searched by the other's verdicts (whichever was
+    read last) and its metrics counted each prompt twice."""
+    from core.fsour import _row
+    from core.judges import Verdict
+    from jobs.manifest import load_manifest
+    from jobs.runner import Scheduler
+
+    store = ResultStore(str(tmp_path / "results"))
+    scheduler = Scheduler(load_manifest(TWO_JUDGINGS), store, "judged-twice", progress=False)
+    refusal_plan, sandbox_plan = scheduler._model(scheduler.manifest.models[0]).plans
+    # the refusal judge finds every prompt jailbroken unrouted, the sandbox judge none
+    for plan, jailbroken in ((refusal_plan, True), (sandbox_plan, False)):
+        [precheck] = next(plan.stages)
+        plan.ctx.upstream.append(precheck.unit_id)
+        items = plan.ctx.prompts["dataset"]
+        rows = [_row(item, -1, Verdict(plan.ctx.judges[0], jailbroken, None), plan.ctx.params, None, 0.0)
+                for item in items]
+        store.write_unit("judged-twice", "sandbox", precheck.unit_id, {"fsour_routes": rows},
+                         {"method": "fsour", "kind": "fsour_precheck", "status": "ok", "attempts": 1,
+                          "seconds": 0.0, "error": None})
+    assert next(refusal_plan.stages) == []  # nothing left to search
+    searches = next(sandbox_plan.stages)
+    assert sorted(u.payload["prompts"][0]["id"] for u in searches) == [p.id for p in sandbox_plan.ctx.prompts["dataset"]]
+    assert len(refusal_plan.ctx.read("fsour_routes")) == len(sandbox_plan.ctx.read("fsour_routes")) == 3

@@ -111,6 +111,10 @@ def test_a_sharded_model_picks_its_transport():
     # a transport is how a sharded replica's stages talk: named, and only with shards
     (edited("dtype: float32", "shards: 2, transport: grpc"),
      r"^models\[0\].transport: 'grpc' is not one of actors, compiled: actors \(plain Ray actor calls, the default\)"),
+    # a value of another type gets the choices too, not only "input should be a valid string"
+    (edited("dtype: float32", "shards: 2, transport: 1"), r"^models\[0\].transport: 1 is not one of actors, compiled: "),
+    (edited("dtype: float32", "shards: 2, transport: [actors, compiled]"),
+     r"^models\[0\].transport: \['actors', 'compiled'\] is not one of actors, compiled: "),
     (edited("dtype: float32", "transport: compiled"),
      r"^models\[0\].transport: 'compiled' is not allowed: .* this model is not sharded: set `shards: 2` or more, "
      r"or drop `transport`"),
