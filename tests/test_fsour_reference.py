@@ -110,7 +110,9 @@ def assert_same_search(lm, candidates: int, restart: int = 0, threshold: float =
     batched = fsour_search(lm, prompt, TARGET, restart=restart,
                            params=FsourParams(candidates=candidates, threshold=threshold))
     assert batched.route == reference.route
-    assert batched.joint_logprob == pytest.approx(reference.joint_logprob, abs=1e-9)
+    # the same route; its score agrees to float32 rounding where the router computes in float32 (DeepSeek), whose
+    # CPU matmul may sum in another order for the batched scorer's batch size than for the reference's batch of 1
+    assert batched.joint_logprob == pytest.approx(reference.joint_logprob, abs=1e-6)
     assert batched.candidates == reference.candidates
     return reference
 

@@ -96,12 +96,12 @@ def test_a_resumed_run_keeps_its_first_start_records_each_attempt_and_says_what_
     manifest.write_text(SHORT.format(top_n=4))
     assert main(["run", str(manifest), "--out", str(root), "--run-id", "again"]) == 0
     first = capsys.readouterr().out
-    assert "run again: complete, 4 units ok, 0 skipped (done earlier), 0 failed, of 4" in first
+    assert "run again: complete, 5 units ok, 0 skipped (done earlier), 0 failed, of 5" in first
     (row,) = ResultStore(str(root), read_only=True).read_table("runs", run_id="again").to_pylist()
 
     assert main(["run", str(manifest), "--out", str(root), "--run-id", "again"]) == 0
     again = capsys.readouterr().out
-    assert "run again: already complete: all 4 units were done earlier, nothing ran" in again
+    assert "run again: already complete: all 5 units were done earlier, nothing ran" in again
     (rerun,) = ResultStore(str(root), read_only=True).read_table("runs", run_id="again").to_pylist()
     assert yaml.safe_load(rerun["manifest"])["run_id"] == "again"  # not the file's own m-<hash>
     assert rerun["started_at"] == row["started_at"] and rerun["status"] == "finished"

@@ -125,6 +125,9 @@ def test_disabled_expert_is_never_selected_and_topk_refills(tiny):
         assert (idx.sort(-1).values.diff(dim=-1) != 0).all(), "top-k must refill with distinct experts"
 
 
+FLOAT32_ROUTERS = {"deepseek_v2", "deepseek_v3"}
+
+
 def test_rows_with_different_routes_match_separate_forwards(tiny):
     family, _, loaded = tiny
     c = loaded.control
@@ -141,7 +144,10 @@ def test_rows_with_different_routes_match_separate_forwards(tiny):
             one = {l: e[row: row + 1] for l, e in experts.items()}
             with c.apply(Route.force(one, c.num_experts)):
                 single = loaded.model(ids[row: row + 1]).logits
-            torch.testing.assert_close(batched[row: row + 1], single, rtol=1e-10, atol=1e-10)
+            # DeepSeek routers compute in float32 even in a float64 model, and a float32 matmul may sum in
+            # another order for another batch size on some CPUs: ~1e-8 there; a route leaking between rows is O(1)
+            tol = 1e-6 if family in FLOAT32_ROUTERS else 1e-10
+            torch.testing.assert_close(batched[row: row + 1], single, rtol=tol, atol=tol)
     assert not torch.allclose(batched[0], batched[1]), "different routes should give different logits"
 
 
