@@ -433,7 +433,9 @@ def searched_restarts(ctx: PlanContext, dataset: str, todo: Sequence[PromptLike]
         if round_:
             first = jailbroken_at(0)
             todo = [p for p in todo if p.id in first and not first[p.id]]
-        yield [ctx.unit(search_kind, prompts=prompt_dicts([p]), restart=r) for r in restarts for p in todo]
+        # a search depends on its prompt, restart and settings only: the same unit however the stages before were chunked
+        yield [ctx.unit(search_kind, self_contained=True, prompts=prompt_dicts([p]), restart=r)
+               for r in restarts for p in todo]
         # one row per (prompt, restart): ctx.read gives only this plan's searches
         found = {(r["prompt_id"], r["restart"]): r for r in ctx.read("fsour_searches") if r["dataset"] == dataset}
         searched = [(p, found[p.id, r]) for p in todo for r in restarts if (p.id, r) in found]

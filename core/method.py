@@ -103,10 +103,15 @@ class PlanContext:
     # very units such an entry runs (same ids), so that a unit both plan is computed once
     derive: Callable[[str, Any, Mapping[str, str]], "PlanContext"] | None = None
 
-    def unit(self, kind: str, on_driver: bool = False, **payload) -> WorkUnit:
+    def unit(self, kind: str, on_driver: bool = False, self_contained: bool = False, **payload) -> WorkUnit:
+        """A unit of this plan. Its id hashes the ids of every unit planned before it, unless
+        `self_contained`: its payload names everything its rows depend on, and earlier stages only
+        decided *whether* it runs (an F-SOUR search), so it stays the same unit however those were
+        chunked, and a re-chunked run reuses it."""
         base = {"params": dataclasses.asdict(self.params), "judges": list(self.judges),
-                "datasets": dict(self.datasets),
-                "upstream": hashlib.sha256(" ".join(sorted(self.upstream)).encode()).hexdigest()[:16]}
+                "datasets": dict(self.datasets)}
+        if not self_contained:
+            base["upstream"] = hashlib.sha256(" ".join(sorted(self.upstream)).encode()).hexdigest()[:16]
         return make_unit(self.model_key, self.method, kind, {**base, **payload}, on_driver)
 
     def prompt_units(self, kind: str, prompts: Sequence[PromptLike], **payload) -> list[WorkUnit]:

@@ -276,6 +276,13 @@ def test_fsour_answer_units_take_prompts_per_unit_searches():
     assert [len(s) for s in stages] == [2, 3, 2, 6, 3, 1]
     assert [[(p["id"], s["restart"]) for p, s in zip(u.payload["prompts"], u.payload["searches"])]
             for u in stages[4]] == [[("p0", 1), ("p0", 2)], [("p1", 1), ("p1", 2)], [("p2", 1), ("p2", 2)]]
+    # chunked otherwise, the pre-checks and answers are other units; the searches (the costly part) are the same
+    one_chunk = run_plan(fsour_context(stored, prompts_per_unit=8, searches=searches), lambda *_: None)
+    assert [len(s) for s in one_chunk] == [1, 3, 1, 6, 1, 1]
+    for stage in (1, 3):
+        assert {u.unit_id for u in one_chunk[stage]} == {u.unit_id for u in stages[stage]}
+    for stage in (0, 2, 4, 5):
+        assert not {u.unit_id for u in one_chunk[stage]} & {u.unit_id for u in stages[stage]}
 
 
 def test_a_derived_units_id_changes_with_the_units_it_derives_from():
