@@ -26,6 +26,23 @@ def sandbox_dir() -> Path:
     return build_sandbox()
 
 
+@pytest.fixture(scope="module")
+def two_worker_cluster(sandbox_dir):
+    """A real Ray cluster of three nodes, driven by this process: a head without CPUs, so model
+    actors always land on a worker node and the driver (attached to the head) survives the loss of
+    any worker, and two 1-CPU worker nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
 S3_ACCESS_KEY = "moesafe-test-access-key"
 S3_SECRET_KEY = "moesafe-test-secret-key"
 

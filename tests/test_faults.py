@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
 from core.batching import split_on_oom
@@ -48,16 +47,8 @@ DEADLINE_S = 240  # for a run or a condition to come about; far above what any s
 # ---- the cluster and the undisturbed run ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster(sandbox_dir):
-    # The head holds no CPU, so model actors always land on a worker node, and the driver (this
-    # process, attached to the head) survives the removal of any worker.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+def cluster(two_worker_cluster):
+    return two_worker_cluster
 
 
 def write_manifest(tmp_path: Path, run_id: str = RUN) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
 from actors.model_worker import ModelWorker
@@ -28,17 +27,6 @@ methods:
 """
 
 
-@pytest.fixture(scope="module")
-def two_nodes(sandbox_dir):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield
-    ray.shutdown()
-    cluster.shutdown()
-
-
 def _shard_nodes(worker) -> list[tuple[int, str]]:
     """(shard index, node id) of each shard actor a model actor drives, in stage order."""
     def placed(self):
@@ -47,7 +35,7 @@ def _shard_nodes(worker) -> list[tuple[int, str]]:
     return ray.get(worker.__ray_call__.remote(placed))
 
 
-def test_a_replica_no_node_can_hold_spans_nodes(two_nodes, sandbox_dir, tmp_path):
+def test_a_replica_no_node_can_hold_spans_nodes(two_worker_cluster, sandbox_dir, tmp_path):
     manifest = load_manifest(MANIFEST)
     scheduler = Scheduler(manifest, ResultStore(str(tmp_path / "out")), "placed", progress=False)
     try:
