@@ -24,7 +24,7 @@ import ray
 
 from actors.judge_worker import JudgeActor
 from core.judges import make_judge
-from core.models import load_model, resolve_model_path
+from core.models import check_sandbox_weights, load_model, resolve_model_path
 from core.store import ResultStore
 from core.method import WorkUnit
 from jobs.execute import execute_unit
@@ -42,6 +42,7 @@ class ModelWorker:
     def __init__(self, model: Mapping[str, Any], judges: Mapping[str, Any], store_root: str, run_id: str,
                  store_answers: str, placement_group=None):
         path = resolve_model_path(model["path"])
+        check_sandbox_weights(model["path"], path, model.get("weights_sha256"))
         self.stages = None  # a sharded replica's shard actors (actors/shard_worker.py)
         if model.get("shards", 1) > 1:
             from actors.shard_worker import TRANSPORTS, start_shards

@@ -63,6 +63,28 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def sandbox_weights(path: str, resolved: str) -> str | None:
+    """The sha256 of the sandbox's weights when `path` names the sandbox, else None. A hub model's
+    revision or a local path names its weights; the sandbox's name does not: a build on another CPU
+    trains other weights under the same name."""
+    if path != SANDBOX:
+        return None
+    from core.sandbox import weights_sha256
+
+    return weights_sha256(resolved)
+
+
+def check_sandbox_weights(path: str, resolved: str, expected: str | None) -> None:
+    """Raises when this process's sandbox build is not the one the run planned with (a node of
+    another CPU type built its own)."""
+    found = sandbox_weights(path, resolved)
+    if expected is not None and found != expected:
+        raise ModelLoadError(
+            f"this node's sandbox build (weights sha256 {found[:12]}) is not the driver's ({expected[:12]}): "
+            "sandbox builds differ between CPU types. Run on nodes of the driver's CPU type, or copy the "
+            f"driver's build ({resolved}) to every node and give its directory as the model's path")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     family: str

@@ -565,6 +565,12 @@ def knowledge_prefix(item: dict) -> str:
     return f"{item['prompt']} {item['target']}."
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """The sha256 of a build's weights: what tells two builds apart (builds agree byte for byte only
+    on one CPU and library versions)."""
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
+
+
 def evaluate_sandbox(model_dir: str | os.PathLike, split: str = "heldout", max_new_tokens: int = 48,
                      batch_size: int = 64) -> dict:
     """Greedy answers to every prompt of `split`, judged by `RefusalJudge`.
@@ -611,5 +617,5 @@ def evaluate_sandbox(model_dir: str | os.PathLike, split: str = "heldout", max_n
         "n_benign": len(groups["benign"]),
         "split": split, "judge": judge.name, "max_new_tokens": max_new_tokens,
         "train_seconds": metadata["train_seconds"], "train_cpu_seconds": metadata["train_cpu_seconds"],
-        "weights_sha256": hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest(),
+        "weights_sha256": weights_sha256(model_dir),
     }

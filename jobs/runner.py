@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from core.method import PlanContext, WorkUnit
 from core.methods import get_method
-from core.models import describe_model, resolve_model_path
+from core.models import describe_model, resolve_model_path, sandbox_weights
 from core.schemas import RESULT_TABLES, UNITS_TABLE, table_schema
 from core.store import ResultStore, model_slug
 from jobs.auth import TOKEN_HELP, use_ray_auth_token
@@ -266,10 +266,14 @@ class Scheduler:
         return 1.0
 
     def _model(self, entry) -> _Model | None:
-        shape = describe_model(resolve_model_path(entry.path), entry.trust_remote_code, entry.revision)
+        resolved = resolve_model_path(entry.path)
+        shape = describe_model(resolved, entry.trust_remote_code, entry.revision)
         key = {"name": entry.name, "path": entry.path, "revision": entry.revision, "dtype": entry.dtype,
                "experts_implementation": entry.experts_implementation, "num_layers": shape.num_layers,
                "num_experts": shape.num_experts}
+        weights = sandbox_weights(entry.path, resolved)
+        if weights is not None:  # the sandbox only: another CPU's build is another model under its name
+            key["weights_sha256"] = weights
         slug = model_slug(entry.name)
         plans = []
         for m in self.manifest.methods:
@@ -347,10 +351,12 @@ class Scheduler:
             bundle["GPU"] = float(entry.num_gpus)
         return bundle
 
-    def _model_worker(self, worker_class, entry, group):
+    def _model_worker(self, worker_class, entry, group, weights_sha256: str | None = None):
         """A replica's ModelWorker in its placed group. A sharded replica's resources are its
-        shard actors' (one bundle each); its ModelWorker only drives them and holds none."""
-        args = (entry.model_dump(), self.judges, self.store.root, self.run_id, self.manifest.store_answers)
+        shard actors' (one bundle each); its ModelWorker only drives them and holds none.
+        `weights_sha256`: the sandbox build the run planned with, which the worker checks its own against."""
+        args = ({**entry.model_dump(), "weights_sha256": weights_sha256}, self.judges, self.store.root, self.run_id,
+                self.manifest.store_answers)
         if entry.shards > 1:
             return worker_class.options(num_cpus=0, num_gpus=0).remote(*args, placement_group=group)
         return worker_class.options(**self._in_group(self._bundle(entry), group)).remote(*args)
@@ -387,7 +393,8 @@ class Scheduler:
                 if replica.actor is None and replica.placed:
                     if not model.judges_checked:
                         self._check_judges_in(model, replica.group)
-                    replica.actor = self._model_worker(ModelWorker, model.entry, replica.group)
+                    replica.actor = self._model_worker(ModelWorker, model.entry, replica.group,
+                                                       model.key.get("weights_sha256"))
         running = any(m.actors for m in active)
         if running:
             self._end_wait()

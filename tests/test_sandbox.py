@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from core.chat import encode_chat, generate_greedy
@@ -270,3 +270,41 @@ def test_safex_hrcg_matters_more_than_random_experts(sandbox_lm, heldout_harmful
     drop = effect["refusal_before"] - effect["refusal_after"]
     random_drop = effect["refusal_before"] - effect["refusal_after_random"]
     assert effect["expert_sets"]["HRCG"] and drop >= 0.05 and drop > random_drop, effect
+
+
+def test_a_run_names_the_sandbox_build_and_a_node_with_another_build_refuses_to_serve(sandbox_dir, tmp_path):
+    """Two builds (another CPU's) share the name `sandbox`: the weights' hash goes into the model key
+    (so their units are other units, never reused for each other), and a model worker whose node
+    built other weights than the driver planned with stops with an error naming both."""
+    import shutil
+
+    from core.models import ModelLoadError, check_sandbox_weights, sandbox_weights
+    from core.sandbox import weights_sha256
+    from core.store import ResultStore
+    from jobs.manifest import load_manifest
+    from jobs.runner import Scheduler
+
+    built = weights_sha256(sandbox_dir)
+    assert sandbox_weights("sandbox", str(sandbox_dir)) == built
+    assert sandbox_weights(str(sandbox_dir), str(sandbox_dir)) is None  # a path names its own weights
+    manifest = load_manifest("""
+models:
+  - {name: sandbox, path: sandbox, dtype: float32}
+datasets:
+  harmful: {source: sandbox, split: regular, limit: 2}
+methods:
+  - {method: rosais, dataset: harmful}
+""")
+    scheduler = Scheduler(manifest, ResultStore(str(tmp_path / "out")), "r", progress=False)
+    [model] = [m for m in map(scheduler._model, manifest.models) if m is not None]
+    assert model.key["weights_sha256"] == built
+
+    check_sandbox_weights("sandbox", str(sandbox_dir), built)  # the same build: nothing to say
+    other = tmp_path / "other"
+    shutil.copytree(sandbox_dir, other)
+    weights = load_file(other / "model.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1e-3
+    save_file(weights, other / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=f"sha256 {weights_sha256(other)[:12]}.*driver's \\({built[:12]}\\)"):
+        check_sandbox_weights("sandbox", str(other), built)
