@@ -24,7 +24,7 @@ import ray
 
 from actors.judge_worker import JudgeActor
 from core.judges import make_judge
-from core.models import check_sandbox_weights, load_model, resolve_model_path
+from core.models import load_model, resolve_model_path
 from core.store import ResultStore
 from core.method import WorkUnit
 from jobs.execute import execute_unit
@@ -41,8 +41,7 @@ class ModelWorker:
 
     def __init__(self, model: Mapping[str, Any], judges: Mapping[str, Any], store_root: str, run_id: str,
                  store_answers: str, placement_group=None):
-        path = resolve_model_path(model["path"])
-        check_sandbox_weights(model["path"], path, model.get("weights_sha256"))
+        path = resolve_model_path(model["path"], model.get("weights_sha256"))
         self.stages = None  # a sharded replica's shard actors (actors/shard_worker.py)
         if model.get("shards", 1) > 1:
             from actors.shard_worker import TRANSPORTS, start_shards
@@ -50,12 +49,13 @@ class ModelWorker:
 
             # the replica's placement group holds one bundle per shard (jobs/runner.py)
             transport = TRANSPORTS[model.get("transport") or "actors"]
-            self.stages = transport(lambda: start_shards(model, path, placement_group))
+            # each shard resolves the model on its own node (the sandbox: that node's build, checked)
+            self.stages = transport(lambda: start_shards(model, model["path"], placement_group))
             self.lm = sharded_loaded_model(path, self.stages, name=model["name"],
                                            trust_remote_code=model.get("trust_remote_code", False))
             if not model.get("num_gpus") or model.get("device") == "cpu":
                 # on CPU a decode step of a small model is shorter than a Ray round trip: splitting
-                # generation into micro-batches measured 0.47x on the sandbox (BENCHMARKS.md)
+                # generation into micro-batches measured 0.66x on the sandbox idle, 0.47x loaded (BENCHMARKS.md)
                 self.lm.model.generate_micro_batches = 1
         else:
             self.lm = load_model(path, name=model["name"], dtype=model["dtype"], device_map=model.get("device_map"),

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import ray
 import torch
 
+from core.models import resolve_model_path
 from core.sharding import ModelShard, StageMessage
 
 
@@ -31,8 +32,9 @@ class ShardWorker:
     """Shard `index` of `count` of a model; resources per shard via `.options(num_gpus=..., num_cpus=...)`."""
 
     def __init__(self, path: str, index: int, count: int, dtype: str = "auto",
-                 experts_implementation: str | None = None, trust_remote_code: bool = False):
-        self.shard = ModelShard(path, index, count, dtype=dtype, experts_implementation=experts_implementation,
+                 experts_implementation: str | None = None, trust_remote_code: bool = False,
+                 weights_sha256: str | None = None):
+        self.shard = ModelShard(resolve_model_path(path, weights_sha256), index, count, dtype=dtype, experts_implementation=experts_implementation,
                                 trust_remote_code=trust_remote_code)
 
     def param_bytes(self) -> int:
@@ -84,7 +86,7 @@ def start_shards(model: Mapping[str, Any], path: str, placement_group=None) -> l
                 placement_group=placement_group, placement_group_bundle_index=i)
         actors.append(ShardWorker.options(**options).remote(
             path, i, count, model.get("dtype", "auto"), model.get("experts_implementation"),
-            model.get("trust_remote_code", False)))
+            model.get("trust_remote_code", False), model.get("weights_sha256")))
     ray.get([a.param_bytes.remote() for a in actors])  # loaded, or the load error raised here
     return actors
 

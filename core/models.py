@@ -54,12 +54,15 @@ def cache_root() -> Path:
 SANDBOX = "sandbox"  # the embedded default model's name in manifests
 
 
-def resolve_model_path(path: str) -> str:
-    """`sandbox` -> the sandbox model's directory (trained once, then cached); anything else as given."""
+def resolve_model_path(path: str, weights_sha256: str | None = None) -> str:
+    """`sandbox` -> the sandbox model's directory on this node (trained once, then cached); anything
+    else as given. `weights_sha256`: the sandbox build a run planned with, which this node's must be."""
     if path == SANDBOX:
         from core.sandbox import build_sandbox
 
-        return str(build_sandbox())
+        resolved = str(build_sandbox())
+        check_sandbox_weights(path, resolved, weights_sha256)
+        return resolved
     return path
 
 
